@@ -1,1 +1,3 @@
 
+pub mod sampling;
+pub use sampling::{Sampler, SamplingParams};

@@ -1,0 +1,537 @@
+//! Per-sequence sampling with HuggingFace `generate` semantics.
+//!
+//! [`SamplingParams`] are the knobs a request sets; [`Sampler`] applies them to one row of
+//! logits per step. The processors run in the order `transformers` runs them:
+//!
+//! 1. repetition penalty (`RepetitionPenaltyLogitsProcessor`): every distinct id already in
+//!    the context has its logit divided by the penalty when positive, multiplied when negative;
+//! 2. minimum length (`MinNewTokensLengthLogitsProcessor`): EOS is impossible until
+//!    `min_new_tokens` tokens have been generated;
+//! 3. banned ids: ids at or past `allowed_vocab` are impossible. GPT-J's embedding has 50400
+//!    rows but only the first 50257 are real tokens; the `<|extratoken_N|>` rows were never
+//!    trained and must never be produced;
+//!
+//! then either greedy search (argmax, ties to the lowest id) or, when sampling, the warpers
+//! temperature, top-k (`TopKLogitsWarper`, ties at the k-th value kept) and top-p
+//! (`TopPLogitsWarper`: the smallest set of most likely tokens whose probability adds up to at
+//! least `top_p`, never empty), then a draw from the softmax.
+//!
+//! Each sequence has its own [`Sampler`] with its own ChaCha8 generator seeded from
+//! [`SamplingParams::seed`], so a seed gives the same tokens whatever else shares the batch.
+//! The sampler keeps its scratch buffers between calls: a step allocates nothing vocab-sized.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How one sequence picks its next token. Field meanings follow HuggingFace `generate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Sample from the distribution (true) or take the most likely token (false).
+    pub do_sample: bool,
+    /// Logits are divided by this before sampling; 0 means greedy. Must be finite and >= 0.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (ties at the boundary kept); 0 turns it off.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`;
+    /// 1.0 turns it off. Must be in (0, 1].
+    pub top_p: f32,
+    /// Penalty for tokens already in the context (prompt and generated); 1.0 turns it off.
+    /// Must be finite and > 0.
+    pub repetition_penalty: f32,
+    /// EOS cannot be produced before this many new tokens.
+    pub min_new_tokens: usize,
+    /// Seed of this sequence's random generator.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    /// Greedy decoding with every processor off, as `generate` does with no arguments.
+    fn default() -> Self {
+        Self {
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            min_new_tokens: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the ranges of the float parameters; the message names the parameter, the
+    /// allowed range and the value given.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "`temperature` must be a finite number >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("`top_p` must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "`repetition_penalty` must be a finite number > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when the next token is the argmax (no randomness involved).
+    pub fn is_greedy(&self) -> bool {
+        !self.do_sample || self.temperature == 0.0
+    }
+}
+
+/// The sampling state of one sequence: its parameters, its random generator and scratch space.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    eos_token_id: u32,
+    allowed_vocab: usize,
+    rng: ChaCha8Rng,
+    /// Processed scores of the current row (vocab-sized, reused).
+    scores: Vec<f32>,
+    /// Candidate ids still in play while warping (reused).
+    candidates: Vec<u32>,
+}
+
+impl Sampler {
+    /// A sampler for one sequence. Ids `>= allowed_vocab` are never produced (GPT-J: 50257).
+    pub fn new(params: &SamplingParams, eos_token_id: u32, allowed_vocab: usize) -> Self {
+        Self {
+            params: params.clone(),
+            eos_token_id,
+            allowed_vocab,
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+            scores: Vec::new(),
+            candidates: Vec::new(),
+        }
+    }
+
+    /// The parameters this sampler applies.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one row of logits.
+    ///
+    /// `context` is the prompt followed by the tokens generated so far (for the repetition
+    /// penalty); `generated` is how many tokens have been generated so far (for the minimum
+    /// length). If no token is possible at all (every logit NaN or `-inf`, or every id
+    /// banned), EOS is returned so that the sequence ends instead of producing garbage.
+    pub fn sample(&mut self, logits: &[f32], context: &[u32], generated: usize) -> u32 {
+        self.process(logits, context, generated);
+        if self.params.is_greedy() {
+            return argmax(&self.scores).unwrap_or(self.eos_token_id);
+        }
+        self.warp_and_draw()
+    }
+
+    /// Copies `logits` into `scores` and applies the logits processors (penalty, min-length,
+    /// ban). NaN becomes `-inf`, so it can never win.
+    fn process(&mut self, logits: &[f32], context: &[u32], generated: usize) {
+        self.scores.clear();
+        self.scores.extend(
+            logits
+                .iter()
+                .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }),
+        );
+        let penalty = self.params.repetition_penalty;
+        if penalty != 1.0 {
+            // Read from the unprocessed logits, so an id that occurs several times in the
+            // context is penalised once, as HF's gather/scatter does.
+            for &id in context {
+                if let (Some(&x), Some(s)) =
+                    (logits.get(id as usize), self.scores.get_mut(id as usize))
+                {
+                    if !x.is_nan() {
+                        *s = if x < 0.0 { x * penalty } else { x / penalty };
+                    }
+                }
+            }
+        }
+        if generated < self.params.min_new_tokens {
+            if let Some(s) = self.scores.get_mut(self.eos_token_id as usize) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+        if let Some(banned) = self.scores.get_mut(self.allowed_vocab..) {
+            banned.fill(f32::NEG_INFINITY);
+        }
+    }
+
+    /// Temperature, top-k, top-p, softmax and one draw from the generator.
+    fn warp_and_draw(&mut self) -> u32 {
+        let temperature = self.params.temperature;
+        if temperature != 1.0 {
+            for s in &mut self.scores {
+                *s /= temperature;
+            }
+        }
+        let scores = &self.scores;
+        self.candidates.clear();
+        self.candidates
+            .extend((0..scores.len() as u32).filter(|&i| scores[i as usize] > f32::NEG_INFINITY));
+        if self.candidates.is_empty() {
+            return self.eos_token_id;
+        }
+        // Best first, ties to the lower id: makes top-k, top-p and the draw deterministic.
+        let by_score_desc = |a: &u32, b: &u32| {
+            scores[*b as usize]
+                .total_cmp(&scores[*a as usize])
+                .then(a.cmp(b))
+        };
+
+        let top_k = self.params.top_k;
+        if top_k > 0 && top_k < self.candidates.len() {
+            self.candidates
+                .select_nth_unstable_by(top_k - 1, by_score_desc);
+            let kth = scores[self.candidates[top_k - 1] as usize];
+            // HF keeps every token whose score is >= the k-th score, so ties survive.
+            self.candidates.retain(|&i| scores[i as usize] >= kth);
+        }
+        self.candidates.sort_unstable_by(by_score_desc);
+
+        // Softmax over the candidates, in place of their scores (the scores buffer is ours).
+        let max = scores[self.candidates[0] as usize];
+        let mut total = 0.0f64;
+        for &i in &self.candidates {
+            let s = self.scores[i as usize];
+            let p = if max == f32::INFINITY {
+                // A +inf logit takes all the mass (shared between equal +inf logits).
+                if s == f32::INFINITY {
+                    1.0
+                } else {
+                    0.0
+                }
+            } else {
+                ((s - max) as f64).exp()
+            };
+            self.scores[i as usize] = p as f32;
+            total += p;
+        }
+
+        let top_p = self.params.top_p as f64;
+        let mut kept = self.candidates.len();
+        if top_p < 1.0 {
+            // Smallest prefix (most likely first) whose probability reaches top_p, at least one.
+            let mut cum = 0.0f64;
+            for (n, &i) in self.candidates.iter().enumerate() {
+                cum += self.scores[i as usize] as f64 / total;
+                if cum >= top_p {
+                    kept = n + 1;
+                    break;
+                }
+            }
+        }
+        let kept = &self.candidates[..kept];
+        let mass: f64 = kept.iter().map(|&i| self.scores[i as usize] as f64).sum();
+        let mut u = self.rng.random::<f64>() * mass;
+        for &i in kept {
+            let p = self.scores[i as usize] as f64;
+            if u < p {
+                return i;
+            }
+            u -= p;
+        }
+        // Rounding can leave `u` a hair above the last probability: the last one wins then.
+        kept.iter()
+            .rev()
+            .copied()
+            .find(|&i| self.scores[i as usize] > 0.0)
+            .unwrap_or(kept[0])
+    }
+}
+
+/// Index of the largest finite-or-infinite score, ties to the lowest index; `None` when
+/// every score is `-inf`.
+fn argmax(scores: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > f32::NEG_INFINITY && best.is_none_or(|(_, b)| s > b) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EOS: u32 = 3;
+    const NEG: f32 = f32::NEG_INFINITY;
+
+    fn greedy() -> SamplingParams {
+        SamplingParams::default()
+    }
+
+    fn sampled(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            do_sample: true,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..SamplingParams::default()
+        }
+    }
+
+    /// The processed scores after penalty, min-length and ban.
+    fn processed(
+        params: SamplingParams,
+        allowed: usize,
+        logits: &[f32],
+        ctx: &[u32],
+        generated: usize,
+    ) -> Vec<f32> {
+        let mut s = Sampler::new(&params, EOS, allowed);
+        s.process(logits, ctx, generated);
+        s.scores.clone()
+    }
+
+    /// Draw frequencies of each id over `n` draws.
+    fn frequencies(params: SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(&params, EOS, logits.len());
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[s.sample(logits, &[], 10) as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn default_is_greedy_and_valid() {
+        let p = SamplingParams::default();
+        assert!(p.is_greedy());
+        assert_eq!(p.validate(), Ok(()));
+        assert!(sampled(0.0, 0, 1.0, 0).is_greedy());
+        assert!(!sampled(0.7, 0, 1.0, 0).is_greedy());
+    }
+
+    #[test]
+    fn validate_names_the_parameter_and_range() {
+        let bad = |f: fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::default();
+            f(&mut p);
+            p.validate().unwrap_err()
+        };
+        assert_eq!(
+            bad(|p| p.temperature = -0.5),
+            "`temperature` must be a finite number >= 0, got -0.5"
+        );
+        assert!(bad(|p| p.temperature = f32::NAN).starts_with("`temperature`"));
+        assert!(bad(|p| p.temperature = f32::INFINITY).starts_with("`temperature`"));
+        assert_eq!(bad(|p| p.top_p = 0.0), "`top_p` must be in (0, 1], got 0");
+        assert_eq!(bad(|p| p.top_p = 1.5), "`top_p` must be in (0, 1], got 1.5");
+        assert!(bad(|p| p.top_p = f32::NAN).starts_with("`top_p`"));
+        assert_eq!(
+            bad(|p| p.repetition_penalty = 0.0),
+            "`repetition_penalty` must be a finite number > 0, got 0"
+        );
+        assert!(bad(|p| p.repetition_penalty = f32::INFINITY).starts_with("`repetition_penalty`"));
+        let ok = SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            repetition_penalty: 0.5,
+            ..Default::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_once_per_id() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..greedy()
+        };
+        let logits = [4.0, -1.0, 3.0, 0.5, 0.0];
+        // Id 0 appears twice: penalised once (4/2 = 2, not 1). Out-of-range ids are ignored.
+        let got = processed(params, 5, &logits, &[0, 1, 0, 4, 99], 10);
+        assert_eq!(got, vec![2.0, -2.0, 3.0, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn repetition_penalty_changes_the_greedy_choice() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..greedy()
+        };
+        let mut s = Sampler::new(&params, EOS, 5);
+        let logits = [4.0, -1.0, 3.0, 0.5, 0.0];
+        assert_eq!(s.sample(&logits, &[], 10), 0);
+        assert_eq!(s.sample(&logits, &[0], 10), 2); // 4/2 = 2 < 3
+    }
+
+    #[test]
+    fn min_new_tokens_suppresses_eos_until_reached() {
+        let params = SamplingParams {
+            min_new_tokens: 2,
+            ..greedy()
+        };
+        let logits = [0.0, 1.0, 2.0, 9.0, 0.0];
+        let mut s = Sampler::new(&params, EOS, 5);
+        assert_eq!(s.sample(&logits, &[], 0), 2);
+        assert_eq!(s.sample(&logits, &[], 1), 2);
+        assert_eq!(s.sample(&logits, &[], 2), EOS);
+        assert_eq!(processed(params, 5, &logits, &[], 1)[EOS as usize], NEG);
+    }
+
+    #[test]
+    fn ids_past_allowed_vocab_are_banned() {
+        let logits = [1.0, 0.0, 0.0, 0.0, 5.0, 7.0];
+        assert_eq!(
+            processed(greedy(), 4, &logits, &[], 0),
+            vec![1.0, 0.0, 0.0, 0.0, NEG, NEG]
+        );
+        assert_eq!(Sampler::new(&greedy(), EOS, 4).sample(&logits, &[], 0), 0);
+        // Sampling never draws a banned id either.
+        let counts = frequencies_allowed(sampled(1.0, 0, 1.0, 7), &logits, 4, 500);
+        assert_eq!(counts[4] + counts[5], 0);
+    }
+
+    fn frequencies_allowed(
+        params: SamplingParams,
+        logits: &[f32],
+        allowed: usize,
+        n: usize,
+    ) -> Vec<usize> {
+        let mut s = Sampler::new(&params, EOS, allowed);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[s.sample(logits, &[], 10) as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_ties_go_to_the_lowest_id_and_nan_never_wins() {
+        let mut s = Sampler::new(&greedy(), EOS, 6);
+        assert_eq!(s.sample(&[1.0, 5.0, 2.0, 5.0, 5.0, 0.0], &[], 0), 1);
+        assert_eq!(
+            s.sample(&[f32::NAN, 1.0, f32::NAN, 0.0, 0.0, 0.0], &[], 0),
+            1
+        );
+        // Nothing possible at all: EOS ends the sequence.
+        assert_eq!(s.sample(&[NEG; 6], &[], 0), EOS);
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy_even_when_sampling() {
+        let mut s = Sampler::new(&sampled(0.0, 0, 1.0, 1), EOS, 4);
+        for _ in 0..50 {
+            assert_eq!(s.sample(&[0.0, 1.0, 1.1, 0.5], &[], 10), 2);
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_best_and_ties_at_the_boundary() {
+        let logits = [3.0, 1.0, 2.0, 0.0, 2.0, -1.0];
+        // k = 1: only id 0 can come out.
+        let c = frequencies(sampled(1.0, 1, 1.0, 3), &logits, 200);
+        assert_eq!(c[0], 200);
+        // k = 2: the 2nd best score is 2.0, shared by ids 2 and 4; both stay (HF keeps >= kth).
+        let c = frequencies(sampled(1.0, 2, 1.0, 3), &logits, 3000);
+        assert!(c[0] > 0 && c[2] > 0 && c[4] > 0, "{c:?}");
+        assert_eq!(c[1] + c[3] + c[5], 0, "{c:?}");
+        // k larger than the vocabulary: no-op.
+        let c = frequencies(sampled(1.0, 100, 1.0, 3), &logits, 3000);
+        assert!(c.iter().all(|&n| n > 0), "{c:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities 0.5, 0.3, 0.2 (ids 0, 1, 2); id 3 impossible.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln(), NEG];
+        // p = 0.5: id 0 alone reaches it.
+        assert_eq!(frequencies(sampled(1.0, 0, 0.5, 1), &logits, 300)[0], 300);
+        // p = 0.49: still id 0 alone (0.5 >= 0.49).
+        assert_eq!(frequencies(sampled(1.0, 0, 0.49, 1), &logits, 300)[0], 300);
+        // p = 0.6: ids 0 and 1 (0.5 < 0.6 <= 0.8); never id 2.
+        let c = frequencies(sampled(1.0, 0, 0.6, 1), &logits, 3000);
+        assert!(c[0] > 0 && c[1] > 0 && c[2] == 0, "{c:?}");
+        // p = 0.81: all three.
+        let c = frequencies(sampled(1.0, 0, 0.81, 1), &logits, 3000);
+        assert!(c[0] > 0 && c[1] > 0 && c[2] > 0, "{c:?}");
+        // A tiny p keeps at least one token.
+        assert_eq!(frequencies(sampled(1.0, 0, 1e-6, 1), &logits, 100)[0], 100);
+    }
+
+    #[test]
+    fn top_k_then_top_p_renormalises_within_the_kept_set() {
+        // Probabilities 0.30, 0.26, 0.24, 0.20. top_k = 2 keeps ids 0 and 1, renormalised to
+        // 0.54 / 0.46, so top_p = 0.5 keeps id 0 alone (without renormalising, 0.30 < 0.5
+        // would have kept id 1 too).
+        let logits = [0.30f32.ln(), 0.26f32.ln(), 0.24f32.ln(), 0.20f32.ln()];
+        let c = frequencies(sampled(1.0, 2, 0.5, 9), &logits, 300);
+        assert_eq!(c[0], 300, "{c:?}");
+    }
+
+    #[test]
+    fn temperature_sharpens_and_flattens() {
+        // Probabilities 0.25 / 0.75 at temperature 1. At temperature 0.5 they become
+        // 1 : 9 (squared ratio), i.e. 0.1 / 0.9; at temperature 2, 1 : sqrt(3) = 0.366 / 0.634.
+        let logits = [0.25f32.ln(), 0.75f32.ln(), NEG, NEG];
+        let n = 4000;
+        let c = frequencies(sampled(0.5, 0, 1.0, 11), &logits, n);
+        assert!((300..=500).contains(&c[0]), "expected ~400, got {c:?}");
+        let c = frequencies(sampled(2.0, 0, 1.0, 11), &logits, n);
+        assert!((1330..=1600).contains(&c[0]), "expected ~1464, got {c:?}");
+    }
+
+    #[test]
+    fn draws_follow_the_distribution() {
+        let logits = [0.25f32.ln(), 0.75f32.ln(), NEG, NEG];
+        let c = frequencies(sampled(1.0, 0, 1.0, 42), &logits, 4000);
+        // Binomial(4000, 0.25): mean 1000, sd ~27; 900..1100 is more than 3.5 sd.
+        assert!((900..=1100).contains(&c[0]), "expected ~1000, got {c:?}");
+        assert_eq!(c[0] + c[1], 4000);
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_different_draws() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed: u64| -> Vec<u32> {
+            let mut s = Sampler::new(&sampled(1.0, 0, 1.0, seed), EOS, 50);
+            (0..200).map(|_| s.sample(&logits, &[], 10)).collect()
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn a_sequences_draws_do_not_depend_on_other_samplers() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 5) as f32 * 0.4).collect();
+        let mut alone = Sampler::new(&sampled(0.9, 20, 0.95, 77), EOS, 50);
+        let expected: Vec<u32> = (0..100).map(|_| alone.sample(&logits, &[], 10)).collect();
+        let mut a = Sampler::new(&sampled(0.9, 20, 0.95, 77), EOS, 50);
+        let mut other = Sampler::new(&sampled(1.0, 0, 1.0, 78), EOS, 50);
+        let got: Vec<u32> = (0..100)
+            .map(|_| {
+                other.sample(&logits, &[], 10);
+                a.sample(&logits, &[], 10)
+            })
+            .collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn wide_rows_reuse_the_scratch_buffers() {
+        let logits: Vec<f32> = (0..50400)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect();
+        let mut s = Sampler::new(&sampled(0.8, 50, 0.9, 1), 50256, 50257);
+        for _ in 0..5 {
+            let id = s.sample(&logits, &[1, 2, 3], 0);
+            assert!(id < 50257);
+        }
+        let cap = (s.scores.capacity(), s.candidates.capacity());
+        s.sample(&logits, &[1, 2, 3], 0);
+        assert_eq!((s.scores.capacity(), s.candidates.capacity()), cap);
+    }
+}
