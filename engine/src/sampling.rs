@@ -129,7 +129,11 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(&self.scores).unwrap_or(self.eos_token_id);
         }
-        self.warp_and_draw()
+        let kept = self.warp();
+        if kept == 0 {
+            return self.eos_token_id;
+        }
+        self.draw(kept)
     }
 
     /// Copies `logits` into `scores` and applies the logits processors (penalty, min-length,
@@ -165,8 +169,10 @@ impl Sampler {
         }
     }
 
-    /// Temperature, top-k, top-p, softmax and one draw from the generator.
-    fn warp_and_draw(&mut self) -> u32 {
+    /// Temperature, top-k, top-p and softmax. Afterwards `candidates[..kept]` are the ids that
+    /// may be drawn and `scores[id]` their unnormalised probabilities; returns `kept` (0 only
+    /// when no id is possible).
+    fn warp(&mut self) -> usize {
         let temperature = self.params.temperature;
         if temperature != 1.0 {
             for s in &mut self.scores {
@@ -178,7 +184,7 @@ impl Sampler {
         self.candidates
             .extend((0..scores.len() as u32).filter(|&i| scores[i as usize] > f32::NEG_INFINITY));
         if self.candidates.is_empty() {
-            return self.eos_token_id;
+            return 0;
         }
         // Best first, ties to the lower id: makes top-k, top-p and the draw deterministic.
         let by_score_desc = |a: &u32, b: &u32| {
@@ -195,10 +201,13 @@ impl Sampler {
             // HF keeps every token whose score is >= the k-th score, so ties survive.
             self.candidates.retain(|&i| scores[i as usize] >= kth);
         }
-        self.candidates.sort_unstable_by(by_score_desc);
 
-        // Softmax over the candidates, in place of their scores (the scores buffer is ours).
-        let max = scores[self.candidates[0] as usize];
+        // Softmax over the candidates, written over their scores (the buffer is ours).
+        let max = self
+            .candidates
+            .iter()
+            .map(|&i| scores[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0f64;
         for &i in &self.candidates {
             let s = self.scores[i as usize];
@@ -219,16 +228,33 @@ impl Sampler {
         let top_p = self.params.top_p as f64;
         let mut kept = self.candidates.len();
         if top_p < 1.0 {
+            // A token with probability below (1 - top_p) / n can never be kept: all the tokens
+            // at most as likely add up to less than 1 - top_p. Dropping them first means the
+            // sort below touches the head of the distribution, not all 50k ids.
+            let floor = ((1.0 - top_p) / self.candidates.len() as f64 * total) as f32;
+            let probs = &self.scores;
+            self.candidates.retain(|&i| probs[i as usize] >= floor);
+            self.candidates.sort_unstable_by(|a, b| {
+                probs[*b as usize]
+                    .total_cmp(&probs[*a as usize])
+                    .then(a.cmp(b))
+            });
             // Smallest prefix (most likely first) whose probability reaches top_p, at least one.
+            kept = self.candidates.len();
             let mut cum = 0.0f64;
             for (n, &i) in self.candidates.iter().enumerate() {
-                cum += self.scores[i as usize] as f64 / total;
+                cum += probs[i as usize] as f64 / total;
                 if cum >= top_p {
                     kept = n + 1;
                     break;
                 }
             }
         }
+        kept
+    }
+
+    /// One draw from the generator among `candidates[..kept]`, weighted by their probabilities.
+    fn draw(&mut self, kept: usize) -> u32 {
         let kept = &self.candidates[..kept];
         let mass: f64 = kept.iter().map(|&i| self.scores[i as usize] as f64).sum();
         let mut u = self.rng.random::<f64>() * mass;
@@ -470,6 +496,61 @@ mod tests {
         let logits = [0.30f32.ln(), 0.26f32.ln(), 0.24f32.ln(), 0.20f32.ln()];
         let c = frequencies(sampled(1.0, 2, 0.5, 9), &logits, 300);
         assert_eq!(c[0], 300, "{c:?}");
+    }
+
+    /// HF's TopPLogitsWarper, written the slow way: sort ascending, drop the prefix whose
+    /// cumulative probability is <= 1 - top_p, always keep the most likely token.
+    fn reference_top_p(logits: &[f32], top_p: f64) -> Vec<u32> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        ids.sort_by(|a, b| {
+            logits[*a as usize]
+                .total_cmp(&logits[*b as usize])
+                .then(b.cmp(a))
+        });
+        let mut cum = 0.0;
+        let mut kept = Vec::new();
+        for (n, &i) in ids.iter().enumerate() {
+            cum += ((logits[i as usize] - max) as f64).exp() / total;
+            if cum > 1.0 - top_p || n == ids.len() - 1 {
+                kept.push(i);
+            }
+        }
+        kept.sort();
+        kept
+    }
+
+    #[test]
+    fn top_p_matches_the_reference_on_wide_rows() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for round in 0..20 {
+            // Peaked rows like a language model's: a few large logits over a long flat tail.
+            let logits: Vec<f32> = (0..5000)
+                .map(|i| {
+                    let bump = if i % 997 == round { 8.0 } else { 0.0 };
+                    rng.random::<f32>() * 3.0 + bump
+                })
+                .collect();
+            for &top_p in &[0.1f32, 0.5, 0.9, 0.95, 0.999] {
+                let mut s = Sampler::new(&sampled(1.0, 0, top_p, 0), EOS, logits.len());
+                s.process(&logits, &[], 10);
+                let kept = s.warp();
+                let mut got = s.candidates[..kept].to_vec();
+                got.sort();
+                let want = reference_top_p(&logits, top_p as f64);
+                // Floating-point sums in another order may move the boundary by one token.
+                let diff = got.len().abs_diff(want.len());
+                assert!(
+                    diff <= 1,
+                    "top_p {top_p}: kept {} vs {}",
+                    got.len(),
+                    want.len()
+                );
+                let common = got.iter().filter(|i| want.binary_search(i).is_ok()).count();
+                assert_eq!(common, got.len().min(want.len()), "top_p {top_p}");
+            }
+        }
     }
 
     #[test]
