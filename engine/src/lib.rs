@@ -1,3 +1,26 @@
+//! The GPT-J engine: everything that touches tensors.
+//!
+//! It loads a GPT-J checkpoint (HuggingFace layout) or a `builtin:` model, runs one forward
+//! pass over a *ragged batch* (every row has its own length and position; prefill chunks and
+//! single decode tokens mix freely) against a paged KV cache, and turns logits into tokens with
+//! per-sequence sampling. It knows nothing about HTTP or scheduling policy: the scheduler
+//! decides which rows go into a step and which KV blocks each row owns.
 
-pub mod sampling;
-pub use sampling::{Sampler, SamplingParams};
+pub mod batch;
+pub mod config;
+mod engine;
+pub mod error;
+pub mod hub;
+mod model;
+mod paged;
+pub mod precision;
+pub mod tokenizer;
+mod weights;
+
+pub use batch::{BlockId, Logits, SeqChunk};
+pub use config::GptjConfig;
+pub use engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
+pub use error::{EngineError, Result};
+pub use paged::KvPool;
+pub use precision::Precision;
+pub use tokenizer::{IncrementalDecoder, Tokenizer};

@@ -1,0 +1,65 @@
+//! The shapes that cross the engine's boundary: what the scheduler asks for in one step
+//! (a ragged batch of sequence chunks, each with its KV block table) and what comes back
+//! (the logits of the rows that need a next token).
+
+/// Index of one block in the paged KV pool. Block `b` holds token slots
+/// `b * block_size .. (b + 1) * block_size` in every layer's K and V storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+/// One row of a ragged batch: new tokens of one sequence, to be appended at `start_pos`.
+///
+/// A decode row has one token; a prefill row has the prompt (or a chunk of it). The row's
+/// tokens attend to positions `0..start_pos` already in the cache (through `block_table`)
+/// and causally to each other. `block_table` must cover positions `0..start_pos + tokens.len()`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// Token ids to run, at positions `start_pos..start_pos + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Position of the first token, i.e. how many tokens of this sequence are already cached.
+    pub start_pos: usize,
+    /// The blocks of this sequence, in order: position `p` lives in block `block_table[p / block_size]`.
+    pub block_table: &'a [BlockId],
+    /// Whether to return the logits of the last token (false for a prefill chunk that is not the last).
+    pub want_logits: bool,
+}
+
+/// Logits of the last token of each row that asked for them, in row order, as f32.
+#[derive(Debug, Clone)]
+pub struct Logits {
+    data: Vec<f32>,
+    vocab: usize,
+}
+
+impl Logits {
+    /// Wraps `rows * vocab` values laid out row after row.
+    pub fn new(data: Vec<f32>, vocab: usize) -> Self {
+        debug_assert!(vocab > 0 && data.len() % vocab == 0);
+        Self { data, vocab }
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
+    }
+
+    /// True when no row asked for logits.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Width of each row (the model's vocabulary, embedding rows included).
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// The logits of row `i` (the i-th row that had `want_logits`).
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// Iterates over the rows in order.
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.data.chunks_exact(self.vocab)
+    }
+}

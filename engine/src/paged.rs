@@ -1,0 +1,589 @@
+//! The paged KV cache and the two custom ops that use it: writing a step's new keys and
+//! values into their slots, and attention of each new token over its sequence's blocks.
+//!
+//! Layout of one layer's cache: a single tensor `(2, num_blocks, block_size, n_head, head_dim)`,
+//! K at index 0 and V at index 1. A step touches only the slots of its own tokens and the
+//! blocks of its own rows: nothing here copies or concatenates the pool, so a step's cost is
+//! independent of the pool's size.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::batch::SeqChunk;
+use crate::error::{EngineError, Result};
+
+/// Where every token of a ragged batch lives, computed once per step and shared by all layers.
+#[derive(Debug)]
+pub(crate) struct StepLayout {
+    /// Per new token: its cache slot, `block * block_size + position % block_size`.
+    slots: Vec<u32>,
+    /// Per new token: its absolute position in its sequence.
+    positions: Vec<u32>,
+    /// Per new token: the row (sequence) it belongs to.
+    token_row: Vec<u32>,
+    /// All rows' block tables, one after another.
+    tables: Vec<u32>,
+    /// Per row: where its block table starts in `tables`.
+    table_start: Vec<u32>,
+    block_size: usize,
+}
+
+impl StepLayout {
+    /// Checks a batch against the pool's geometry and lays it out. Every problem is the
+    /// caller's bug, reported as `InvalidInput` instead of a panic or a corrupted cache.
+    pub(crate) fn new(
+        rows: &[SeqChunk<'_>],
+        block_size: usize,
+        num_blocks: usize,
+        max_positions: usize,
+    ) -> Result<Self> {
+        let total: usize = rows.iter().map(|r| r.tokens.len()).sum();
+        let mut layout = Self {
+            slots: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            token_row: Vec::with_capacity(total),
+            tables: Vec::new(),
+            table_start: Vec::with_capacity(rows.len()),
+            block_size,
+        };
+        for (r, row) in rows.iter().enumerate() {
+            if row.tokens.is_empty() {
+                return Err(EngineError::InvalidInput(format!("row {r} has no tokens")));
+            }
+            let end = row.start_pos + row.tokens.len();
+            if end > max_positions {
+                return Err(EngineError::InvalidInput(format!(
+                    "row {r} reaches position {end}, past the model's context of {max_positions}"
+                )));
+            }
+            let needed = end.div_ceil(block_size);
+            if row.block_table.len() < needed {
+                return Err(EngineError::InvalidInput(format!(
+                    "row {r} needs {needed} blocks for {end} positions but its block table has {}",
+                    row.block_table.len()
+                )));
+            }
+            if let Some(b) = row.block_table[..needed]
+                .iter()
+                .find(|b| b.0 as usize >= num_blocks)
+            {
+                return Err(EngineError::InvalidInput(format!(
+                    "row {r} refers to block {} but the pool has {num_blocks} blocks",
+                    b.0
+                )));
+            }
+            layout.table_start.push(layout.tables.len() as u32);
+            layout
+                .tables
+                .extend(row.block_table[..needed].iter().map(|b| b.0));
+            for pos in row.start_pos..end {
+                let block = row.block_table[pos / block_size].0 as usize;
+                layout
+                    .slots
+                    .push((block * block_size + pos % block_size) as u32);
+                layout.positions.push(pos as u32);
+                layout.token_row.push(r as u32);
+            }
+        }
+        let mut sorted = layout.slots.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(EngineError::InvalidInput(format!(
+                "two new tokens of this step would write the same cache slot {}",
+                w[0]
+            )));
+        }
+        Ok(layout)
+    }
+
+    /// Number of new tokens in the step.
+    pub(crate) fn num_tokens(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Absolute positions of the new tokens, in order.
+    pub(crate) fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    /// Block table of the row that token `t` belongs to.
+    fn table_of(&self, t: usize) -> &[u32] {
+        let row = self.token_row[t] as usize;
+        let start = self.table_start[row] as usize;
+        let end = self
+            .table_start
+            .get(row + 1)
+            .map_or(self.tables.len(), |&e| e as usize);
+        &self.tables[start..end]
+    }
+}
+
+/// Per-layer K/V storage for `num_blocks` blocks of `block_size` token slots.
+#[derive(Debug)]
+pub struct KvPool {
+    layers: Vec<Tensor>,
+    num_blocks: usize,
+    block_size: usize,
+}
+
+impl KvPool {
+    /// Bytes one block costs across all layers (K and V).
+    pub fn bytes_per_block(
+        n_layer: usize,
+        n_embd: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> usize {
+        n_layer * 2 * block_size * n_embd * dtype.size_in_bytes()
+    }
+
+    /// Allocates the pool, zeroed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n_layer: usize,
+        n_head: usize,
+        head_dim: usize,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if num_blocks == 0 || block_size == 0 {
+            return Err(EngineError::InvalidInput(format!(
+                "a KV pool needs at least one block of at least one slot (got {num_blocks} blocks of {block_size})"
+            )));
+        }
+        let shape = (2, num_blocks, block_size, n_head, head_dim);
+        let layers = (0..n_layer)
+            .map(|_| Tensor::zeros(shape, dtype, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            num_blocks,
+            block_size,
+        })
+    }
+
+    /// Number of blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Token slots per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// The cache tensor of one layer.
+    pub(crate) fn layer(&self, i: usize) -> &Tensor {
+        &self.layers[i]
+    }
+}
+
+/// Writes a step's new keys and values into their slots (in place).
+pub(crate) fn write_kv(
+    cache: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    step: &Arc<StepLayout>,
+) -> Result<()> {
+    cache.inplace_op3(
+        k,
+        v,
+        &WriteKv {
+            step: Arc::clone(step),
+        },
+    )?;
+    Ok(())
+}
+
+/// Attention of each new token (`q`: `(tokens, n_head, head_dim)`) over the cached keys and
+/// values of its own sequence, positions `0..=its position`. Scores and softmax in f32.
+pub(crate) fn paged_attention(
+    q: &Tensor,
+    cache: &Tensor,
+    step: &Arc<StepLayout>,
+    scale: f32,
+) -> Result<Tensor> {
+    Ok(q.apply_op2_no_bwd(
+        cache,
+        &PagedAttention {
+            step: Arc::clone(step),
+            scale,
+        },
+    )?)
+}
+
+struct WriteKv {
+    step: Arc<StepLayout>,
+}
+
+struct PagedAttention {
+    step: Arc<StepLayout>,
+    scale: f32,
+}
+
+/// Element types the cache can hold, read as f32 for the arithmetic.
+trait CacheElem: Copy + Send + Sync + 'static {
+    fn widen(src: &[Self], dst: &mut [f32]);
+    fn narrow(v: f32) -> Self;
+}
+
+impl CacheElem for f32 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn narrow(v: f32) -> Self {
+        v
+    }
+}
+
+impl CacheElem for f16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    fn narrow(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl CacheElem for bf16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    fn narrow(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// Cache geometry from its layout: (slots per K or V half, n_head * head_dim).
+fn cache_dims(layout: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    match layout.dims() {
+        [2, blocks, block_size, heads, dim] => Ok((blocks * block_size, *heads, *dim)),
+        d => candle_core::bail!(
+            "KV cache must be (2, blocks, block_size, heads, head_dim), got {d:?}"
+        ),
+    }
+}
+
+impl WriteKv {
+    fn write<T: CacheElem>(
+        &self,
+        cache: &mut [T],
+        cache_l: &Layout,
+        k: &[T],
+        k_l: &Layout,
+        v: &[T],
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (slots, heads, dim) = cache_dims(cache_l)?;
+        let width = heads * dim;
+        let (start, end) = cache_l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("KV cache must be contiguous".into()))?;
+        let cache = &mut cache[start..end];
+        let k = contiguous(k, k_l, "new keys")?;
+        let v = contiguous(v, v_l, "new values")?;
+        let n = self.step.num_tokens();
+        if k.len() != n * width || v.len() != n * width {
+            candle_core::bail!(
+                "new K/V hold {} values, expected {n} tokens x {width}",
+                k.len()
+            );
+        }
+        let (k_half, v_half) = cache.split_at_mut(slots * width);
+        for (t, &slot) in self.step.slots.iter().enumerate() {
+            let dst = slot as usize * width;
+            k_half[dst..dst + width].copy_from_slice(&k[t * width..(t + 1) * width]);
+            v_half[dst..dst + width].copy_from_slice(&v[t * width..(t + 1) * width]);
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for WriteKv {
+    fn name(&self) -> &'static str {
+        "gptj-write-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        match (cache, k, v) {
+            (CpuStorage::F32(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::F16(c), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::BF16(c), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (c, k, _) => candle_core::bail!(
+                "KV write: cache is {:?} but new keys are {:?}; both must be the same float type",
+                c.dtype(),
+                k.dtype()
+            ),
+        }
+    }
+}
+
+impl PagedAttention {
+    fn attend<T: CacheElem>(
+        &self,
+        q: &[T],
+        q_l: &Layout,
+        cache: &[T],
+        cache_l: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        let (slots, heads, dim) = cache_dims(cache_l)?;
+        let width = heads * dim;
+        let q = contiguous(q, q_l, "queries")?;
+        let cache = contiguous(cache, cache_l, "KV cache")?;
+        let n = self.step.num_tokens();
+        if q.len() != n * width {
+            candle_core::bail!(
+                "queries hold {} values, expected {n} tokens x {width}",
+                q.len()
+            );
+        }
+        let (k_half, v_half) = cache.split_at(slots * width);
+        let block_size = self.step.block_size;
+        let mut out = vec![T::narrow(0.0); n * width];
+        out.par_chunks_mut(dim).enumerate().for_each_init(
+            || {
+                (
+                    Vec::<f32>::new(),
+                    vec![0f32; dim],
+                    vec![0f32; dim],
+                    vec![0f32; dim],
+                )
+            },
+            |(scores, qf, row, acc), (i, out)| {
+                let (t, h) = (i / heads, i % heads);
+                T::widen(&q[i * dim..(i + 1) * dim], qf);
+                let table = self.step.table_of(t);
+                let ctx = self.step.positions[t] as usize + 1;
+                let offset_of = |pos: usize| {
+                    let slot = table[pos / block_size] as usize * block_size + pos % block_size;
+                    slot * width + h * dim
+                };
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for pos in 0..ctx {
+                    let off = offset_of(pos);
+                    T::widen(&k_half[off..off + dim], row);
+                    let s = dot(qf, row) * self.scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                acc.fill(0.0);
+                for (pos, &p) in scores.iter().enumerate() {
+                    let off = offset_of(pos);
+                    T::widen(&v_half[off..off + dim], row);
+                    let w = p / sum;
+                    for (a, &x) in acc.iter_mut().zip(row.iter()) {
+                        *a += w * x;
+                    }
+                }
+                for (o, &a) in out.iter_mut().zip(acc.iter()) {
+                    *o = T::narrow(a);
+                }
+            },
+        );
+        Ok(out)
+    }
+}
+
+/// Dot product with independent accumulators, so the compiler can vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let chunks = a.len() / LANES;
+    for c in 0..chunks {
+        for l in 0..LANES {
+            acc[l] += a[c * LANES + l] * b[c * LANES + l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * LANES..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+impl CustomOp2 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "gptj-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        cache: &CpuStorage,
+        cache_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = q_l.shape().clone();
+        let out = match (q, cache) {
+            (CpuStorage::F32(q), CpuStorage::F32(c)) => CpuStorage::F32(self.attend(q, q_l, c, cache_l)?),
+            (CpuStorage::F16(q), CpuStorage::F16(c)) => CpuStorage::F16(self.attend(q, q_l, c, cache_l)?),
+            (CpuStorage::BF16(q), CpuStorage::BF16(c)) => CpuStorage::BF16(self.attend(q, q_l, c, cache_l)?),
+            (q, c) => candle_core::bail!(
+                "paged attention: queries are {:?} but the cache is {:?}; both must be the same float type",
+                q.dtype(),
+                c.dtype()
+            ),
+        };
+        Ok((out, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::BlockId;
+
+    /// Plain causal attention over contiguous K/V for one sequence, the reference.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        dim: usize,
+        start: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let width = heads * dim;
+        let n = q.len() / width;
+        let mut out = vec![0f32; n * width];
+        for t in 0..n {
+            let ctx = start + t + 1;
+            for h in 0..heads {
+                let qv = &q[t * width + h * dim..][..dim];
+                let scores: Vec<f32> = (0..ctx)
+                    .map(|p| dot(qv, &k[p * width + h * dim..][..dim]) * scale)
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                for (p, e) in exps.iter().enumerate() {
+                    for d in 0..dim {
+                        out[t * width + h * dim + d] += e / sum * v[p * width + h * dim + d];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed)) % 1000) as f32 / 500.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunked_writes_and_scattered_blocks_match_plain_attention() {
+        let (heads, dim, block_size, num_blocks) = (2, 8, 4, 16);
+        let width = heads * dim;
+        let len = 11;
+        let (q, k, v) = (
+            values(len * width, 1),
+            values(len * width, 2),
+            values(len * width, 3),
+        );
+        let dev = Device::Cpu;
+        let pool = KvPool::new(1, heads, dim, num_blocks, block_size, DType::F32, &dev).unwrap();
+        let table = [BlockId(9), BlockId(2), BlockId(14)];
+        let tokens = vec![0u32; len];
+        // Prefill in two chunks: 0..6, then 6..11, each attending to what came before.
+        let mut got = Vec::new();
+        for (a, b) in [(0, 6), (6, 11)] {
+            let rows = [SeqChunk {
+                tokens: &tokens[a..b],
+                start_pos: a,
+                block_table: &table,
+                want_logits: true,
+            }];
+            let step = Arc::new(StepLayout::new(&rows, block_size, num_blocks, 64).unwrap());
+            let t = |x: &[f32]| {
+                Tensor::from_slice(&x[a * width..b * width], (b - a, heads, dim), &dev).unwrap()
+            };
+            write_kv(pool.layer(0), &t(&k), &t(&v), &step).unwrap();
+            let out = paged_attention(&t(&q), pool.layer(0), &step, 0.3).unwrap();
+            got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        let want = reference(&q, &k, &v, heads, dim, 0, 0.3);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn bad_batches_are_errors_not_panics() {
+        let table = [BlockId(0)];
+        let toks = [1u32, 2, 3];
+        let rows = [SeqChunk {
+            tokens: &toks,
+            start_pos: 2,
+            block_table: &table,
+            want_logits: true,
+        }];
+        let err = StepLayout::new(&rows, 4, 8, 64).unwrap_err().to_string();
+        assert!(err.contains("needs 2 blocks"), "{err}");
+        let table = [BlockId(8)];
+        let rows = [SeqChunk {
+            tokens: &toks[..1],
+            start_pos: 0,
+            block_table: &table,
+            want_logits: true,
+        }];
+        let err = StepLayout::new(&rows, 4, 8, 64).unwrap_err().to_string();
+        assert!(err.contains("block 8"), "{err}");
+        let table = [BlockId(1)];
+        let rows = [
+            SeqChunk {
+                tokens: &toks[..1],
+                start_pos: 0,
+                block_table: &table,
+                want_logits: true,
+            },
+            SeqChunk {
+                tokens: &toks[..1],
+                start_pos: 0,
+                block_table: &table,
+                want_logits: true,
+            },
+        ];
+        let err = StepLayout::new(&rows, 4, 8, 64).unwrap_err().to_string();
+        assert!(err.contains("same cache slot"), "{err}");
+    }
+}
