@@ -14,6 +14,7 @@ pub mod hub;
 mod model;
 mod paged;
 pub mod precision;
+pub mod sampling;
 pub mod tokenizer;
 mod weights;
 
@@ -23,4 +24,5 @@ pub use engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
 pub use error::{EngineError, Result};
 pub use paged::KvPool;
 pub use precision::Precision;
+pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
