@@ -1,0 +1,115 @@
+//! The engine against HuggingFace transformers' `GPTJForCausalLM` on the same weights
+//! (fixtures from `scripts/make-golden.sh`; see tests/fixtures/golden/README.md).
+
+mod common;
+
+use common::*;
+use gptj_engine::Precision;
+
+/// f32: last-position logits within 1e-4 and 32 greedy tokens identical, for every fixture
+/// model and every on-disk format of the same weights.
+fn check_f32(model: &str, expected_from: &str) {
+    let expected = expected(expected_from);
+    let mut engine = load(model, Precision::F32);
+    for (i, case) in expected.cases.iter().enumerate() {
+        let steps = case.greedy_ids.len();
+        let blocks = scattered_blocks(
+            1 + i as u32,
+            (case.prompt_ids.len() + steps).div_ceil(4) + 1,
+        );
+        let (logits, generated) = greedy_alone(&mut engine, &case.prompt_ids, steps, blocks);
+        let diff = max_abs_diff(&logits[0], &case.last_logits);
+        assert!(
+            diff <= 1e-4,
+            "{model} case {i}: last logits differ by {diff}"
+        );
+        assert_eq!(
+            generated, case.greedy_ids,
+            "{model} case {i}: greedy continuation"
+        );
+    }
+}
+
+#[test]
+fn f32_matches_hf_with_partial_rotary() {
+    check_f32("rot_partial", "rot_partial");
+}
+
+#[test]
+fn f32_matches_hf_with_odd_head_count() {
+    check_f32("odd_heads", "odd_heads");
+}
+
+#[test]
+fn sharded_safetensors_load_the_same_model() {
+    check_f32("odd_heads_sharded", "odd_heads");
+}
+
+#[test]
+fn pytorch_bin_loads_the_same_model() {
+    check_f32("odd_heads_bin", "odd_heads");
+}
+
+#[test]
+fn chunked_prefill_matches_hf_at_the_split() {
+    let expected = expected("rot_partial");
+    let case = expected
+        .cases
+        .iter()
+        .find(|c| c.prefix_logits.is_some())
+        .unwrap();
+    let prefix = case.prefix_logits.as_ref().unwrap();
+    let mut engine = load("rot_partial", Precision::F32);
+    let mut seq = Seq::new(&case.prompt_ids, scattered_blocks(3, 12));
+    let first = seq.chunk(prefix.len);
+    assert!(!first.want_logits);
+    let first = gptj_engine::SeqChunk {
+        want_logits: true,
+        ..first
+    };
+    let logits = engine.forward(&[first]).unwrap();
+    let diff = max_abs_diff(logits.row(0), &prefix.last_logits);
+    assert!(diff <= 1e-4, "logits at the split differ by {diff}");
+    seq.computed = prefix.len;
+    let logits = engine.forward(&[seq.chunk(usize::MAX)]).unwrap();
+    let diff = max_abs_diff(logits.row(0), &case.last_logits);
+    assert!(
+        diff <= 1e-4,
+        "logits after the second chunk differ by {diff}"
+    );
+}
+
+/// f16 weights and activations against HF's own f16 forward: error relative to the largest
+/// logit within 1e-2.
+#[test]
+fn f16_matches_hf_f16() {
+    for model in ["rot_partial", "odd_heads"] {
+        let expected = expected(model);
+        let mut engine = load(model, Precision::F16);
+        for (i, case) in expected.cases.iter().enumerate() {
+            let blocks = scattered_blocks(1, case.prompt_ids.len().div_ceil(4) + 1);
+            let (logits, _) = greedy_alone(&mut engine, &case.prompt_ids, 1, blocks);
+            let err = rel_err(&logits[0], &case.last_logits_f16);
+            assert!(err <= 1e-2, "{model} case {i}: f16 relative error {err}");
+        }
+    }
+}
+
+/// bf16 and q8_0 have no HF counterpart here; they must stay close to the f32 reference
+/// (q8_0 also quantizes the activations entering each matmul to 8 bits, hence the looser bound).
+#[test]
+fn bf16_and_q8_0_stay_close_to_f32() {
+    for (precision, tolerance) in [(Precision::Bf16, 5e-2), (Precision::Q8_0, 1e-1)] {
+        let expected = expected("rot_partial");
+        let mut engine = load("rot_partial", precision);
+        for (i, case) in expected.cases.iter().enumerate() {
+            let blocks = scattered_blocks(1, case.prompt_ids.len().div_ceil(4) + 1);
+            let (logits, _) = greedy_alone(&mut engine, &case.prompt_ids, 1, blocks);
+            let err = rel_err(&logits[0], &case.last_logits);
+            assert!(
+                err <= tolerance,
+                "{precision} case {i}: relative error {err} vs HF f32"
+            );
+        }
+    }
+}
