@@ -47,9 +47,11 @@ impl FromStr for Precision {
             "f16" | "fp16" | "float16" => Self::F16,
             "bf16" | "bfloat16" => Self::Bf16,
             "q8_0" | "q8" | "int8" => Self::Q8_0,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown precision `{other}`: use native, f32, f16 (fp16), bf16 (bfloat16) or q8_0"
-            )),
+            ))
+            }
         })
     }
 }

@@ -168,3 +168,115 @@ fn builtin_tiny_loads_and_runs() {
     assert_eq!(logits.vocab(), 50400);
     assert!(logits.row(0).iter().all(|x| x.is_finite()));
 }
+
+/// A minimal hub on 127.0.0.1 serving a fixture directory, to test download and reuse.
+mod fake_hub {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    pub struct FakeHub {
+        pub endpoint: String,
+        pub downloads: Arc<AtomicUsize>,
+    }
+
+    pub fn start(dir: PathBuf, id: &'static str) -> FakeHub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let downloads = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&downloads);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(64) {
+                let Ok(mut stream) = stream else { continue };
+                let mut line = String::new();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).map(|n| n == 0).unwrap_or(true) || h == "\r\n" {
+                        break;
+                    }
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let listing = format!("/api/models/{id}/revision/main");
+                let prefix = format!("/{id}/resolve/main/");
+                let body: Option<Vec<u8>> = if path == listing {
+                    let files: Vec<String> = std::fs::read_dir(&dir)
+                        .unwrap()
+                        .map(|e| {
+                            format!(
+                                "{{\"rfilename\":\"{}\"}}",
+                                e.unwrap().file_name().to_string_lossy()
+                            )
+                        })
+                        .collect();
+                    Some(format!("{{\"siblings\":[{}]}}", files.join(",")).into_bytes())
+                } else if let Some(file) = path.strip_prefix(&prefix) {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    std::fs::read(dir.join(file)).ok()
+                } else {
+                    None
+                };
+                let _ = match body {
+                    Some(b) => {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            b.len()
+                        );
+                        stream
+                            .write_all(head.as_bytes())
+                            .and_then(|_| stream.write_all(&b))
+                    }
+                    None => stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    ),
+                };
+            }
+        });
+        FakeHub {
+            endpoint,
+            downloads,
+        }
+    }
+}
+
+#[test]
+fn hub_models_download_once_then_load_from_the_cache() {
+    use std::sync::atomic::Ordering;
+    let hub = fake_hub::start(fixture_dir("odd_heads"), "test-org/odd-heads");
+    let cache = std::env::temp_dir().join(format!("gptj-hub-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let dir = gptj_engine::hub::fetch_from(&hub.endpoint, None, "test-org/odd-heads", None, &cache)
+        .unwrap();
+    assert_eq!(
+        hub.downloads.load(Ordering::SeqCst),
+        2,
+        "config.json and model.safetensors"
+    );
+    let opts = EngineOptions {
+        kv_cache_memory: Some(1 << 20),
+        ..Default::default()
+    };
+    Engine::load_dir(&dir, &opts).unwrap();
+    // Second time: nothing is downloaded.
+    let again =
+        gptj_engine::hub::fetch_from(&hub.endpoint, None, "test-org/odd-heads", None, &cache)
+            .unwrap();
+    assert_eq!(again, dir);
+    assert_eq!(hub.downloads.load(Ordering::SeqCst), 2);
+    // An id the hub does not have: the error names it and the cache directory.
+    let err = gptj_engine::hub::fetch_from(&hub.endpoint, None, "test-org/missing", None, &cache)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("test-org/missing")
+            && err.contains("not found")
+            && err.contains(&cache.display().to_string()),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&cache).ok();
+}
