@@ -342,6 +342,16 @@ impl Engine {
         self.model.config()
     }
 
+    /// Bytes of weights one decode step reads (see `GptjModel::streamed_weight_bytes`).
+    pub fn streamed_weight_bytes(&self) -> usize {
+        self.model.streamed_weight_bytes()
+    }
+
+    /// dtype of the activations and of the KV cache.
+    pub fn activation_dtype(&self) -> candle_core::DType {
+        self.model.activation_dtype()
+    }
+
     /// The tokenizer that goes with the weights.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer

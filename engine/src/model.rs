@@ -29,6 +29,7 @@ enum Linear {
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
+        bytes: usize,
     },
 }
 
@@ -46,19 +47,29 @@ impl Linear {
         let in_dim = weight.dim(1)?;
         if precision == Precision::Q8_0 && in_dim % GgmlDType::Q8_0.block_size() == 0 {
             let q = QTensor::quantize_onto(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0, device)?;
+            let bytes = q.storage_size_in_bytes();
             return Ok(Self::Quantized {
                 weight: QMatMul::from_qtensor(q)?,
                 bias,
+                bytes,
             });
         }
         let weight = weight.to_dtype(act)?.to_device(device)?;
         Ok(Self::Dense { weight, bias })
     }
 
+    /// Bytes of weights one forward reads.
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
+            Self::Quantized { bytes, .. } => *bytes,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
             Self::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
-            Self::Quantized { weight, bias } => (weight.forward(x)?, bias),
+            Self::Quantized { weight, bias, .. } => (weight.forward(x)?, bias),
         };
         Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
@@ -185,6 +196,22 @@ impl GptjModel {
     /// The architecture.
     pub fn config(&self) -> &GptjConfig {
         &self.config
+    }
+
+    /// Bytes of weights a decode step must stream from memory: every matrix but the token
+    /// embedding (a lookup). The basis of the memory-bound floor in benchmarks.
+    pub fn streamed_weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.qkv.weight_bytes()
+                    + b.out_proj.weight_bytes()
+                    + b.fc_in.weight_bytes()
+                    + b.fc_out.weight_bytes()
+            })
+            .sum();
+        blocks + self.lm_head.weight_bytes()
     }
 
     /// dtype of activations and of the KV cache.
