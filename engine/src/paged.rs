@@ -16,6 +16,10 @@ use rayon::prelude::*;
 use crate::batch::SeqChunk;
 use crate::error::{EngineError, Result};
 
+#[cfg(feature = "cuda")]
+#[path = "paged_cuda.rs"]
+mod cuda;
+
 /// Where every token of a ragged batch lives, computed once per step and shared by all layers.
 #[derive(Debug)]
 pub(crate) struct StepLayout {
@@ -30,6 +34,9 @@ pub(crate) struct StepLayout {
     /// Per row: where its block table starts in `tables`.
     table_start: Vec<u32>,
     block_size: usize,
+    /// The index arrays uploaded to the GPU, on first use in a step.
+    #[cfg(feature = "cuda")]
+    device: cuda::DeviceIndexCell,
 }
 
 impl StepLayout {
@@ -49,6 +56,8 @@ impl StepLayout {
             tables: Vec::new(),
             table_start: Vec::with_capacity(rows.len()),
             block_size,
+            #[cfg(feature = "cuda")]
+            device: Default::default(),
         };
         for (r, row) in rows.iter().enumerate() {
             if row.tokens.is_empty() {
@@ -345,6 +354,19 @@ impl InplaceOp3 for WriteKv {
             ),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cache_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        self.cuda(cache, cache_l, k, k_l, v, v_l)
+    }
 }
 
 impl PagedAttention {
@@ -460,6 +482,17 @@ impl CustomOp2 for PagedAttention {
             ),
         };
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        cache: &candle_core::CudaStorage,
+        cache_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(q, q_l, cache, cache_l)
     }
 }
 
