@@ -1,0 +1,148 @@
+/*!
+Validated server settings, built once from the flags ([`crate::cli::ServeArgs`]).
+
+Handlers read only [`ServerConfig`]: names are checked, keys hashed, defaults validated, and
+the listening port resolved (flag, then `GPTJ_PORT`, then `PORT`, then 8080).
+*/
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::http::HeaderName;
+
+use crate::auth::ApiKeys;
+use crate::cli::{SchedulerArgs, SchedulerKind, ServeArgs};
+use crate::params::Defaults;
+
+/// The port when neither `--port`/`GPTJ_PORT` nor `PORT` is set.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// Everything the HTTP layer needs to know, checked.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The model's name in URLs and responses.
+    pub model_name: String,
+    /// A description of the loaded model, for logs and metadata.
+    pub model_description: String,
+    /// Generation defaults.
+    pub defaults: Defaults,
+    /// API keys (empty: no authentication).
+    pub api_keys: ApiKeys,
+    /// Most prompts per request.
+    pub max_instances: usize,
+    /// Most sequences per request (prompts x sequences per prompt).
+    pub max_sequences_per_request: usize,
+    /// Largest body in bytes.
+    pub body_limit: usize,
+    /// Per-request time limit.
+    pub request_timeout: Duration,
+    /// Drain time on SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// Header naming the tenant.
+    pub tenant_header: HeaderName,
+}
+
+impl ServerConfig {
+    /// Checks the HTTP and generation flags.
+    pub fn from_args(args: &ServeArgs) -> Result<Self, String> {
+        let h = &args.http;
+        if h.model_name.is_empty() || h.model_name.contains(['/', ':', '?', '#', ' ']) {
+            return Err(format!(
+                "--model-name `{}` must be non-empty and contain no `/`, `:`, `?`, `#` or spaces",
+                h.model_name
+            ));
+        }
+        let tenant_header = HeaderName::try_from(h.tenant_header.as_str())
+            .map_err(|e| format!("--tenant-header `{}`: {e}", h.tenant_header))?;
+        let api_keys = ApiKeys::new(&h.api_keys)?;
+        let body_limit = usize::try_from(h.body_limit)
+            .map_err(|_| format!("--body-limit {} is too large", h.body_limit))?;
+        if body_limit == 0 {
+            return Err("--body-limit must be > 0".into());
+        }
+        if h.request_timeout.is_zero() {
+            return Err("--request-timeout must be > 0".into());
+        }
+        Ok(Self {
+            model_name: h.model_name.clone(),
+            model_description: args.model.model.to_string_lossy(),
+            defaults: Defaults::from_args(&args.generation)?,
+            api_keys,
+            max_instances: h.max_instances as usize,
+            max_sequences_per_request: h.max_sequences_per_request as usize,
+            body_limit,
+            request_timeout: h.request_timeout,
+            shutdown_timeout: h.shutdown_timeout,
+            tenant_header,
+        })
+    }
+}
+
+/// A printable form of a model spec.
+trait SpecName {
+    fn to_string_lossy(&self) -> String;
+}
+
+impl SpecName for gptj_engine::ModelSpec {
+    fn to_string_lossy(&self) -> String {
+        match self {
+            gptj_engine::ModelSpec::Builtin(b) => format!("builtin:{b:?}").to_lowercase(),
+            gptj_engine::ModelSpec::Dir(d) => d.display().to_string(),
+            gptj_engine::ModelSpec::Hub { id, revision } => match revision {
+                Some(r) => format!("{id}@{r}"),
+                None => id.clone(),
+            },
+        }
+    }
+}
+
+/// The address to listen on: `--host` and the first of `--port`/`GPTJ_PORT`, `PORT`, 8080.
+pub fn listen_addr(host: &str, port_flag: Option<u16>) -> Result<SocketAddr, String> {
+    let port = match port_flag {
+        Some(p) => p,
+        None => match std::env::var("PORT") {
+            Ok(p) if !p.trim().is_empty() => p
+                .trim()
+                .parse()
+                .map_err(|_| format!("the PORT environment variable `{p}` is not a port number"))?,
+            _ => DEFAULT_PORT,
+        },
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+        format!("--host `{host}` is not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::)")
+    })?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// The scheduler configuration the flags describe.
+pub fn scheduler_config(a: &SchedulerArgs) -> gptj_scheduler::SchedulerConfig {
+    gptj_scheduler::SchedulerConfig {
+        max_num_seqs: a.max_num_seqs as usize,
+        max_batched_tokens: a.max_batched_tokens as usize,
+        max_waiting_requests: a.max_queued_seqs as usize,
+        max_waiting_tokens: a.max_queued_tokens as usize,
+        kind: match a.scheduler {
+            SchedulerKind::Continuous => gptj_scheduler::SchedulerKind::Continuous,
+            SchedulerKind::Static => gptj_scheduler::SchedulerKind::Static,
+        },
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_address() {
+        assert_eq!(
+            listen_addr("127.0.0.1", Some(9000)).unwrap().to_string(),
+            "127.0.0.1:9000"
+        );
+        assert_eq!(listen_addr("::", Some(1)).unwrap().to_string(), "[::]:1");
+        assert!(listen_addr("localhost", Some(1))
+            .unwrap_err()
+            .contains("--host"));
+    }
+}

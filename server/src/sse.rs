@@ -1,0 +1,172 @@
+/*!
+Server-sent events: one response stream for the jobs of a request.
+
+The job streams are merged (tokens of different sequences interleave as they come) and each
+event goes through a [`Shaper`], which is the protocol: OpenAI chunks and `[DONE]`, or OIP
+`generate_stream` objects. The token text comes from the scheduler's incremental decoder,
+which never splits a UTF-8 character and holds back text that may begin a stop string, so
+every chunk is valid UTF-8 and no chunk shows part of a stop string. Empty pieces (half a
+character, EOS) are not sent.
+
+The response stream owns the job streams, the request's in-flight guard and its log record:
+when the client disconnects, hyper drops the stream, which cancels the jobs, ends the
+in-flight count and writes the log line.
+*/
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, SelectAll, StreamExt};
+use gptj_scheduler::{FinishReason, JobEvent, JobStream, Usage};
+
+use crate::error::ApiError;
+use crate::generation::{events, record_finish};
+use crate::state::InFlight;
+use crate::telemetry::RequestRecord;
+
+/// A protocol's view of a request's events.
+pub trait Shaper: Send + 'static {
+    /// Sequence `index` produced `text` (never empty).
+    fn token(&mut self, index: usize, text: &str) -> Vec<Event>;
+    /// Sequence `index` ended.
+    fn finished(&mut self, index: usize, reason: &FinishReason, usage: &Usage) -> Vec<Event>;
+    /// Every sequence ended (normally, or after an error event).
+    fn end(&mut self) -> Vec<Event>;
+}
+
+/// An SSE data event holding `value` as JSON.
+pub fn json_event(value: &serde_json::Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+/// The `data:` payload of an error event: `{"error": ...}` in the route's protocol.
+pub fn error_event(err: &ApiError, protocol: crate::error::Protocol) -> Event {
+    json_event(&err.body(protocol))
+}
+
+struct State<S> {
+    merged: SelectAll<stream::BoxStream<'static, (usize, JobEvent)>>,
+    shaper: S,
+    pending: VecDeque<Event>,
+    done: bool,
+    deadline: Instant,
+    timeout: Duration,
+    protocol: crate::error::Protocol,
+    record: Arc<RequestRecord>,
+    _guard: InFlight,
+}
+
+/// What a response stream keeps alive and needs to know besides its jobs.
+pub struct StreamContext {
+    /// The request's in-flight guard.
+    pub guard: InFlight,
+    /// The request's log record.
+    pub record: Arc<RequestRecord>,
+    /// The request's deadline.
+    pub deadline: Instant,
+    /// The configured timeout (for messages).
+    pub timeout: Duration,
+    /// The route's protocol (for error events).
+    pub protocol: crate::error::Protocol,
+}
+
+/// The SSE response for `streams`, shaped by `shaper`. `first` events go out before any
+/// token (e.g. the prompt when it is echoed).
+pub fn response<S: Shaper>(
+    streams: Vec<JobStream>,
+    shaper: S,
+    first: Vec<Event>,
+    ctx: StreamContext,
+) -> Response {
+    let StreamContext {
+        guard,
+        record,
+        deadline,
+        timeout,
+        protocol,
+    } = ctx;
+    record.set_stream();
+    let merged = stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| events(s).map(move |e| (i, e)).boxed()),
+    );
+    let state = State {
+        merged,
+        shaper,
+        pending: first.into(),
+        done: false,
+        deadline,
+        timeout,
+        protocol,
+        record,
+        _guard: guard,
+    };
+    let body = stream::unfold(state, |mut st| async move {
+        let ev = st.next_event().await?;
+        Some((Ok::<_, Infallible>(ev), st))
+    });
+    Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+impl<S: Shaper> State<S> {
+    async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            if self.done {
+                return None;
+            }
+            let limit = self.deadline + Duration::from_secs(5);
+            match tokio::time::timeout_at(limit.into(), self.merged.next()).await {
+                Ok(Some((i, JobEvent::Token { text, .. }))) => {
+                    self.record.first_token();
+                    if !text.is_empty() {
+                        let evs = self.shaper.token(i, &text);
+                        self.pending.extend(evs);
+                    }
+                }
+                Ok(Some((i, JobEvent::Finished { reason, usage }))) => {
+                    record_finish(&self.record, &reason, &usage);
+                    if let Some(err) = crate::generation::finish_error(&reason, self.timeout) {
+                        metrics::counter!(crate::metrics::REQUEST_FAILED, "reason" => err.error_type())
+                            .increment(1);
+                        self.pending.push_back(error_event(&err, self.protocol));
+                        self.fail();
+                    } else {
+                        let evs = self.shaper.finished(i, &reason, &usage);
+                        self.pending.extend(evs);
+                    }
+                }
+                Ok(None) => {
+                    let evs = self.shaper.end();
+                    self.pending.extend(evs);
+                    self.done = true;
+                }
+                Err(_) => {
+                    let err = ApiError::Timeout(self.timeout);
+                    metrics::counter!(crate::metrics::REQUEST_FAILED, "reason" => err.error_type())
+                        .increment(1);
+                    self.pending.push_back(error_event(&err, self.protocol));
+                    self.fail();
+                }
+            }
+        }
+    }
+
+    /// After an error event: cancel the other sequences and close the stream properly.
+    fn fail(&mut self) {
+        self.merged = SelectAll::new();
+        let evs = self.shaper.end();
+        self.pending.extend(evs);
+        self.done = true;
+    }
+}
