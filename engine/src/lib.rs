@@ -7,6 +7,7 @@
 //! decides which rows go into a step and which KV blocks each row owns.
 
 pub mod batch;
+pub mod bench;
 pub mod config;
 mod engine;
 pub mod error;

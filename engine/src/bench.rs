@@ -1,0 +1,197 @@
+//! The engine's decode-step benchmark, shared by `benches/decode.rs` (CPU) and
+//! `examples/gpu_check.rs` (CUDA): the time of one decode step per precision and batch size,
+//! next to the memory-bound floor (bytes of weights a step reads / memory bandwidth).
+
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::batch::{BlockId, SeqChunk};
+use crate::engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
+use crate::paged::KvPool;
+use crate::precision::Precision;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct DecodeBench {
+    /// The model shape (random weights).
+    pub shape: Builtin,
+    /// Precisions to load, one after another.
+    pub precisions: Vec<Precision>,
+    /// Batch sizes (sequences decoding together).
+    pub batches: Vec<usize>,
+    /// Tokens already in each sequence's cache when decoding starts.
+    pub context: usize,
+    /// Timed decode steps per batch size (the median is reported).
+    pub steps: usize,
+    /// Where to run.
+    pub device: DeviceKind,
+}
+
+/// One measurement.
+#[derive(Debug, Clone)]
+pub struct DecodeRow {
+    /// Weight precision.
+    pub precision: Precision,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Median duration of one decode step.
+    pub step: Duration,
+    /// Bytes of weights a step reads.
+    pub weight_bytes: usize,
+}
+
+impl DecodeRow {
+    /// Milliseconds per step.
+    pub fn step_ms(&self) -> f64 {
+        self.step.as_secs_f64() * 1e3
+    }
+
+    /// Output tokens per second across the batch.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.batch as f64 / self.step.as_secs_f64()
+    }
+
+    /// The memory-bound floor of one step at `gbps` GB/s, in milliseconds.
+    pub fn floor_ms(&self, gbps: f64) -> f64 {
+        self.weight_bytes as f64 / (gbps * 1e9) * 1e3
+    }
+}
+
+/// Read bandwidth of main memory with all rayon threads, in GB/s: median of 5 passes over 1 GiB.
+pub fn cpu_memory_bandwidth() -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64)
+        .into_par_iter()
+        .map(|i| i ^ 0x5555)
+        .collect();
+    let mut rates: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let sum: u64 = buf
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                .sum();
+            std::hint::black_box(sum);
+            (words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates[2]
+}
+
+impl DecodeBench {
+    /// Runs every precision and batch size; a precision that fails to load is reported and skipped.
+    pub fn run(&self) -> Vec<DecodeRow> {
+        let mut rows = Vec::new();
+        for &p in &self.precisions {
+            match self.run_precision(p) {
+                Ok(r) => rows.extend(r),
+                Err(e) => eprintln!("{p}: {e}"),
+            }
+        }
+        rows
+    }
+
+    fn run_precision(&self, precision: Precision) -> crate::Result<Vec<DecodeRow>> {
+        let config = self.shape.config();
+        let block_size = 16;
+        let blocks_per_seq = (self.context + self.steps + 1).div_ceil(block_size);
+        let max_batch = self.batches.iter().copied().max().unwrap_or(1);
+        let act = precision.activation_dtype(candle_core::DType::F32);
+        let per_block =
+            KvPool::bytes_per_block(config.n_layer, config.n_embd, block_size, act) as u64;
+        let opts = EngineOptions {
+            precision,
+            device: self.device,
+            block_size,
+            kv_cache_memory: Some(per_block * (max_batch * blocks_per_seq + 1) as u64),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let mut engine = Engine::load(&ModelSpec::Builtin(self.shape), &opts)?;
+        engine.warm_up()?;
+        eprintln!(
+            "loaded {} in {precision} in {:.1}s",
+            engine.description(),
+            started.elapsed().as_secs_f32()
+        );
+        let mut rows = Vec::new();
+        for &batch in &self.batches {
+            let tables: Vec<Vec<BlockId>> = (0..batch)
+                .map(|s| {
+                    (0..blocks_per_seq)
+                        .map(|b| BlockId((1 + s * blocks_per_seq + b) as u32))
+                        .collect()
+                })
+                .collect();
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|s| {
+                    (0..self.context)
+                        .map(|i| ((i * 31 + s * 7) % 50000) as u32)
+                        .collect()
+                })
+                .collect();
+            for (p, t) in prompts.iter().zip(&tables) {
+                engine.forward(&[SeqChunk {
+                    tokens: p,
+                    start_pos: 0,
+                    block_table: t,
+                    want_logits: false,
+                }])?;
+            }
+            let mut times = Vec::with_capacity(self.steps);
+            for step in 0..self.steps {
+                let tokens: Vec<[u32; 1]> = (0..batch)
+                    .map(|s| [((step * 13 + s) % 50000) as u32])
+                    .collect();
+                let chunks: Vec<SeqChunk<'_>> = tokens
+                    .iter()
+                    .zip(&tables)
+                    .map(|(tok, t)| SeqChunk {
+                        tokens: tok,
+                        start_pos: self.context + step,
+                        block_table: t,
+                        want_logits: true,
+                    })
+                    .collect();
+                let start = Instant::now();
+                // Logits come back to the host, so the step is complete when forward returns.
+                let logits = engine.forward(&chunks)?;
+                times.push(start.elapsed());
+                std::hint::black_box(logits);
+            }
+            times.sort();
+            let step = times[times.len() / 2];
+            eprintln!("  batch {batch}: {:.1} ms/step", step.as_secs_f64() * 1e3);
+            rows.push(DecodeRow {
+                precision,
+                batch,
+                step,
+                weight_bytes: engine.streamed_weight_bytes(),
+            });
+        }
+        Ok(rows)
+    }
+}
+
+/// A markdown table of `rows`, with the floor at `gbps` GB/s.
+pub fn markdown_table(rows: &[DecodeRow], gbps: f64) -> String {
+    let mut out = String::from(
+        "| precision | batch | ms/step | ms/token | tokens/s | weights read/step | floor ms/step | step / floor |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in rows {
+        let (ms, floor) = (r.step_ms(), r.floor_ms(gbps));
+        out.push_str(&format!(
+            "| {} | {} | {ms:.2} | {:.2} | {:.1} | {:.0} MB | {floor:.2} | {:.2}x |\n",
+            r.precision,
+            r.batch,
+            ms / r.batch as f64,
+            r.tokens_per_s(),
+            r.weight_bytes as f64 / 1e6,
+            ms / floor
+        ));
+    }
+    out
+}
