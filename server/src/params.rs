@@ -36,8 +36,13 @@ pub enum ValidationError {
     #[error("request body must be a JSON object, got {0}")]
     BodyNotObject(String),
     /// A required field is absent.
-    #[error("missing `{0}`")]
-    Missing(String),
+    #[error("missing `{field}` ({what})")]
+    Missing {
+        /// The field's path.
+        field: String,
+        /// What it should hold.
+        what: &'static str,
+    },
     /// A field has the wrong JSON type.
     #[error("`{field}` must be {expected}, got {got}")]
     WrongType {
@@ -194,7 +199,7 @@ impl ValidationError {
     /// The field the error is about, when there is one.
     pub fn field(&self) -> Option<&str> {
         match self {
-            Self::Missing(f)
+            Self::Missing { field: f, .. }
             | Self::WrongType { field: f, .. }
             | Self::OutOfRange { field: f, .. }
             | Self::UnknownField { field: f, .. }

@@ -95,9 +95,10 @@ pub fn parse_predict(
         (Some(v), None) => ("instances", v),
         (None, Some(v)) => ("inputs", v),
         (None, None) => {
-            return Err(ValidationError::Missing(
-                "instances` (an array of prompt strings)".into(),
-            ))
+            return Err(ValidationError::Missing {
+                field: "instances".into(),
+                what: "an array of prompt strings",
+            })
         }
     };
     let list = instances

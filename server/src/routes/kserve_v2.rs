@@ -123,7 +123,10 @@ pub fn parse_generate(body: &Map<String, Value>) -> Result<GenerateRequest, Vali
     }
     let text = body
         .get("text_input")
-        .ok_or_else(|| ValidationError::Missing("text_input` (the prompt string)".into()))?;
+        .ok_or_else(|| ValidationError::Missing {
+            field: "text_input".into(),
+            what: "the prompt string",
+        })?;
     let text_input = text
         .as_str()
         .ok_or_else(|| ValidationError::WrongType {

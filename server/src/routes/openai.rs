@@ -199,9 +199,10 @@ pub fn parse_completion(
         }
     }
     if !prompt_seen {
-        return Err(ValidationError::Missing(
-            "prompt` (a string or an array of strings)".into(),
-        ));
+        return Err(ValidationError::Missing {
+            field: "prompt".into(),
+            what: "a string or an array of strings",
+        });
     }
     if params.temperature == Some(0.0) {
         params.do_sample = Some(false);
