@@ -150,7 +150,8 @@ pub struct EngineOptions {
     pub device: DeviceKind,
     /// Token slots per KV block.
     pub block_size: usize,
-    /// Bytes for the KV pool; `None` takes a default (see [`EngineOptions::DEFAULT_CPU_KV_BYTES`]).
+    /// Bytes for the KV pool; `None` takes a default: [`EngineOptions::DEFAULT_GPU_KV_FRACTION`] of
+    /// free device memory on CUDA, [`EngineOptions::DEFAULT_CPU_KV_BYTES`] on CPU.
     pub kv_cache_memory: Option<u64>,
     /// Where hub models are downloaded to and looked up in.
     pub cache_dir: PathBuf,
@@ -159,8 +160,11 @@ pub struct EngineOptions {
 impl EngineOptions {
     /// The default KV budget on CPU: 2 GiB, and never more than 64 full contexts.
     pub const DEFAULT_CPU_KV_BYTES: u64 = 2 << 30;
-    /// Cap on the default pool, in full-length contexts.
+    /// Cap on the default pool on CPU, in full-length contexts.
     pub const DEFAULT_MAX_CONTEXTS: usize = 64;
+    /// On a GPU, the default pool takes this fraction of the memory left free after the
+    /// weights are loaded (the rest is headroom for activations and cuBLAS workspaces).
+    pub const DEFAULT_GPU_KV_FRACTION: f64 = 0.8;
 }
 
 impl Default for EngineOptions {
@@ -248,11 +252,17 @@ impl Engine {
                 as u64;
         let num_blocks = match opts.kv_cache_memory {
             Some(bytes) => (bytes / per_block) as usize,
-            None => {
-                let cap = EngineOptions::DEFAULT_MAX_CONTEXTS
-                    * config.n_positions.div_ceil(opts.block_size.max(1));
-                ((EngineOptions::DEFAULT_CPU_KV_BYTES / per_block) as usize).min(cap)
-            }
+            None => match free_device_memory(&device) {
+                Some(free) => {
+                    ((free as f64 * EngineOptions::DEFAULT_GPU_KV_FRACTION) as u64 / per_block)
+                        as usize
+                }
+                None => {
+                    let cap = EngineOptions::DEFAULT_MAX_CONTEXTS
+                        * config.n_positions.div_ceil(opts.block_size.max(1));
+                    ((EngineOptions::DEFAULT_CPU_KV_BYTES / per_block) as usize).min(cap)
+                }
+            },
         };
         if num_blocks == 0 {
             return Err(EngineError::InvalidInput(format!(
@@ -376,4 +386,24 @@ impl Engine {
     pub fn description(&self) -> &str {
         &self.description
     }
+}
+
+/// Free memory of a CUDA device (after the weights were loaded); `None` on CPU.
+#[cfg(feature = "cuda")]
+fn free_device_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cuda(dev) => dev
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        _ => None,
+    }
+}
+
+/// Free memory of a CUDA device; always `None` in a CPU-only build.
+#[cfg(not(feature = "cuda"))]
+fn free_device_memory(_device: &Device) -> Option<u64> {
+    None
 }
