@@ -350,7 +350,7 @@ async fn bad_inputs_get_clear_errors() {
         ),
         // Routes and models.
         case(
-            &format!("/v1/models/other-model:predict"),
+            "/v1/models/other-model:predict",
             r#"{"instances": ["a"]}"#,
             404,
             &["other-model", "does not exist"],
@@ -389,7 +389,7 @@ async fn bad_inputs_get_clear_errors() {
             &["`parameters.top_p`"],
         ),
         case(
-            &format!("/v2/models/nope/generate"),
+            "/v2/models/nope/generate",
             r#"{"text_input": "a"}"#,
             404,
             &["nope"],
