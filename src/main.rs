@@ -19,6 +19,12 @@ enum Command {
     Serve(Box<gptj_server::ServeArgs>),
     /// Generate a completion for one prompt and print it to stdout as it is produced.
     Generate(Box<gptj_server::GenerateArgs>),
+    /// The seed's benchmark job: seconds per response by length and batch size (table, CSV,
+    /// JSON and plot), in-process.
+    Bench(Box<gptj_bench::BenchArgs>),
+    /// Load-test a running server: closed-loop or Poisson arrivals; throughput, TTFT, ITL,
+    /// latency percentiles and errors by status.
+    Load(Box<gptj_bench::LoadArgs>),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +32,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => gptj_server::serve(*args),
         Command::Generate(args) => gptj_server::generate(*args),
+        Command::Bench(args) => gptj_bench::bench(*args),
+        Command::Load(args) => gptj_bench::load(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
