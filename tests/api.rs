@@ -122,12 +122,44 @@ async fn lengths_count_the_prompt_and_sequences_multiply() {
         .post_json(&format!("/v1/models/{MODEL}:predict"), &body)
         .await;
     assert_eq!(v1, again, "same seed, same texts");
-    // Sequence j with seed s is sequence 0 with seed s + j.
-    let one = json!({"instances": ["Hello"], "parameters": {"seed": 7, "max_new_tokens": 8, "return_full_text": false}});
-    let (_, single) = s
-        .post_json(&format!("/v1/models/{MODEL}:predict"), &one)
+    // Stop strings: the text ends just before the first occurrence, which is not returned.
+    let greedy = json!({"text_input": "Right now is the perfect time to", "parameters": {"do_sample": false, "max_new_tokens": 16}});
+    let (_, full) = s
+        .post_json(&format!("/v2/models/{MODEL}/generate"), &greedy)
         .await;
-    assert_eq!(single["predictions"][0], v1["predictions"][0][2]);
+    let full = full["text_output"].as_str().unwrap().to_owned();
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    let mut with_stop = greedy.clone();
+    with_stop["parameters"]["stop"] = json!([stop]);
+    let (st, v) = s
+        .post_json(&format!("/v2/models/{MODEL}/generate"), &with_stop)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["text_output"], cut, "stop {stop:?} in {full:?}");
+    assert_eq!(v["finish_reason"], "stop_sequence");
+    let (_, events) = s
+        .post_sse(&format!("/v2/models/{MODEL}/generate_stream"), &with_stop)
+        .await;
+    let streamed: String = events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["text_output"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(streamed, cut);
+    // Sequence j with seed s is sequence 0 with seed s + j (compared in a batch of the same
+    // shape: the engine's numerics may depend on the batch size).
+    let shifted = json!({"instances": ["Hello", "World"], "parameters": {"num_return_sequences": 3, "seed": 7, "max_new_tokens": 8, "return_full_text": false}});
+    let (_, v2) = s
+        .post_json(&format!("/v1/models/{MODEL}:predict"), &shifted)
+        .await;
+    assert_eq!(v2["predictions"][0][0], v1["predictions"][0][2]);
+    assert_eq!(v2["predictions"][1][0], v1["predictions"][1][2]);
 }
 
 /// One bad request: where it goes, the body, the status, and words the message must hold.
@@ -778,4 +810,53 @@ async fn metrics_count_what_was_served() {
     assert_eq!(m.sum("gptj_kv_cache_blocks_used", &[]), 0.0);
     assert!(m.0.contains("# HELP gptj_time_to_first_token_seconds"));
     assert!(m.sum("gptj_kv_cache_blocks_total", &[]) > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_and_request_id() {
+    let s = Server::start(&["--request-timeout", "1s"]).await;
+    // The client's request id comes back; without one the server makes one.
+    let r = s
+        .client
+        .post(s.predict_url())
+        .header("x-request-id", "my-id-123")
+        .body(json!({"instances": ["a"], "parameters": {"max_new_tokens": 2}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "my-id-123");
+    let start = std::time::Instant::now();
+    let (st, v) = s
+        .post_json(
+            &format!("/v1/models/{MODEL}:predict"),
+            &json!({"instances": ["a"], "parameters": {"max_new_tokens": 2000, "min_new_tokens": 2000}}),
+        )
+        .await;
+    assert_eq!(st, 504, "{v}");
+    assert_eq!(v["error_type"], "timeout");
+    assert!(start.elapsed() < std::time::Duration::from_secs(8));
+    // A stream that times out ends with an error event, then `[DONE]`.
+    let (st, events) = s
+        .post_sse(
+            "/openai/v1/completions",
+            &json!({"prompt": "a", "max_tokens": 2000, "min_tokens": 2000, "stream": true}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(err["error"]["type"], "timeout", "{err}");
+    let m = s.metrics().await;
+    assert_eq!(
+        m.sum("gptj_request_failed_total", &[("reason", "timeout")]),
+        2.0
+    );
+    assert_eq!(
+        m.sum(
+            "gptj_request_success_total",
+            &[("finished_reason", "timeout")]
+        ),
+        2.0
+    );
 }

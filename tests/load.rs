@@ -162,9 +162,11 @@ async fn queue_flood_gets_429_with_retry_after() {
             other => panic!("unexpected status {other}: {v}"),
         }
     }
-    // At least the queue's four places are taken (more if the engine admitted some before the
-    // burst ended).
-    assert!(accepted >= 4, "accepted {accepted}");
+    // The queue has four places; a three-instance request that finds fewer places free has
+    // its accepted jobs cancelled, which hold their places until the engine thread notices,
+    // so fewer than four requests may get in. Every request gets an answer either way.
+    assert!(accepted >= 1, "accepted {accepted}");
+    assert_eq!(accepted + refused, 40);
     assert!(refused >= 10, "refused {refused}");
     wait_metrics(&s, Duration::from_secs(10), |m| {
         m.sum("gptj_kv_cache_blocks_used", &[]) == 0.0
@@ -185,7 +187,7 @@ async fn queue_flood_gets_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_and_exits_zero() {
-    let mut s = Server::start(&["--shutdown-timeout", "60s"]).await;
+    let mut s = Server::start(&["--shutdown-timeout", "60s", "--log-format", "json"]).await;
     let mut tasks = Vec::new();
     for i in 0..6 {
         let c = s.client.clone();
@@ -248,5 +250,19 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
     }
     let status = s.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "{}", s.log_text());
-    assert!(s.log_text().contains("drained"));
+    // JSON logs: one object per line, one "request" line per request with its id and counts.
+    let log = s.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["message"] == "drained"));
+    let done: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "request" && l["status"] == 200 && l["generated_tokens"] == 250)
+        .collect();
+    assert_eq!(done.len(), 6, "{log}");
+    assert!(done
+        .iter()
+        .all(|l| l["request_id"].as_str().is_some_and(|id| id.len() == 32)));
 }

@@ -11,7 +11,7 @@ code and body that the route's protocol uses:
 | model not found / no route | 404 | 404 | 404 |
 | body too large | 413 | 413 | 413 |
 | overloaded (queue full) | 429 + Retry-After | 429 + Retry-After | 429 + Retry-After |
-| loading, draining | 503 | 503 | 503 |
+| loading, draining, cancelled by shutdown | 503 | 503 | 503 |
 | request timeout | 504 | 504 | 504 |
 | generation failure | 500 | 424 | 500 |
 
@@ -64,6 +64,10 @@ pub enum ApiError {
     /// The server is shutting down and takes no new work.
     #[error("the server is shutting down and accepts no new requests")]
     Draining,
+    /// The server shut down before the request finished (its jobs were cancelled at the end
+    /// of the shutdown timeout).
+    #[error("the server shut down before the request finished")]
+    Cancelled,
     /// The scheduler's queue is full.
     #[error("the server is overloaded ({detail}); retry after {} s", retry_after.as_secs().max(1))]
     Overloaded {
@@ -100,6 +104,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => "not_found",
             Self::NotReady(_) => "not_ready",
             Self::Draining => "draining",
+            Self::Cancelled => "cancelled",
             Self::Overloaded { .. } => "overloaded",
             Self::Unauthorized => "unauthorized",
             Self::PayloadTooLarge { .. } => "payload_too_large",
@@ -113,7 +118,7 @@ impl ApiError {
     pub fn is_rejection(&self) -> bool {
         !matches!(
             self,
-            Self::Timeout(_) | Self::Generation(_) | Self::Internal(_)
+            Self::Timeout(_) | Self::Generation(_) | Self::Internal(_) | Self::Cancelled
         )
     }
 
@@ -125,7 +130,7 @@ impl ApiError {
             }
             Self::Validation(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
-            Self::NotReady(_) | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady(_) | Self::Draining | Self::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -178,7 +183,7 @@ impl ApiError {
             Self::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::Draining | Self::NotReady(_) => {
+            Self::Draining | Self::NotReady(_) | Self::Cancelled => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

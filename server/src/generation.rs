@@ -115,7 +115,7 @@ pub fn finish_error(reason: &FinishReason, timeout: Duration) -> Option<ApiError
     match reason {
         FinishReason::Stop | FinishReason::Length | FinishReason::StopSequence(_) => None,
         FinishReason::Timeout => Some(ApiError::Timeout(timeout)),
-        FinishReason::Cancelled => Some(ApiError::Draining),
+        FinishReason::Cancelled => Some(ApiError::Cancelled),
         FinishReason::Error(m) => Some(ApiError::Generation(m.clone())),
     }
 }

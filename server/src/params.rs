@@ -403,6 +403,9 @@ pub struct RequestParams {
     pub return_full_text: Option<bool>,
     /// Where each field came from, for messages (`parameters.max_length`).
     pub prefix: String,
+    /// The request's own names for parameters whose wire name differs from ours
+    /// (OpenAI's `max_tokens` for `max_new_tokens`), for messages.
+    pub wire_names: &'static [(&'static str, &'static str)],
 }
 
 /// The parameter names of KServe V1 `parameters` (and of OIP generate, plus `max_tokens`).
@@ -526,6 +529,11 @@ impl RequestParams {
     /// The path of parameter `name` in the request (`parameters.top_p`, or `top_p` at the top
     /// level).
     pub fn path(&self, name: &str) -> String {
+        let name = self
+            .wire_names
+            .iter()
+            .find(|(ours, _)| *ours == name)
+            .map_or(name, |(_, theirs)| theirs);
         if self.prefix.is_empty() {
             name.to_owned()
         } else {

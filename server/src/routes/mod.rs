@@ -122,3 +122,102 @@ pub fn tenant(state: &AppState, headers: &HeaderMap) -> Option<String> {
 pub fn respond(result: Result<Response, ApiError>, protocol: Protocol) -> Response {
     result.unwrap_or_else(|e| e.into_response_for(protocol))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use clap::Parser;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::ServerConfig;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        serve: crate::cli::ServeArgs,
+    }
+
+    fn state(extra: &[&str]) -> AppState {
+        let mut args = vec!["t", "--model", "builtin:tiny"];
+        args.extend_from_slice(extra);
+        let config = ServerConfig::from_args(&T::parse_from(args).serve).unwrap();
+        AppState::new(config, None)
+    }
+
+    async fn call(app: Router, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let r = app.oneshot(req).await.unwrap();
+        let status = r.status();
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn not_ready_while_loading() {
+        let s = state(&[]);
+        let app = router(s.clone());
+        let (st, v) = call(app.clone(), "GET", "/v1/models/eleutherai-gpt-j-6b", "").await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            v["error"],
+            "Model with name eleutherai-gpt-j-6b is not ready."
+        );
+        let (st, _) = call(app.clone(), "GET", "/v2/health/ready", "").await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+        let (st, v) = call(app.clone(), "GET", "/", "").await;
+        assert_eq!((st, v["status"].as_str()), (StatusCode::OK, Some("alive")));
+        let (st, v) = call(
+            app.clone(),
+            "POST",
+            "/v1/models/eleutherai-gpt-j-6b:predict",
+            r#"{"instances": ["a"]}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["error_type"], "not_ready");
+        let (st, _) = call(app.clone(), "GET", "/v1/models/other", "").await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        // Draining answers 503 too, with its own reason.
+        s.start_draining();
+        let (st, v) = call(
+            app,
+            "POST",
+            "/v2/models/eleutherai-gpt-j-6b/generate",
+            r#"{"text_input": "a"}"#,
+        )
+        .await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["error_type"], "draining");
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn keys_checked_before_anything_else() {
+        let app = router(state(&["--api-key", "k"]));
+        let (st, v) = call(app.clone(), "POST", "/openai/v1/completions", "{}").await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert_eq!(v["error"]["type"], "unauthorized");
+        let (st, _) = call(app, "GET", "/v1/models/eleutherai-gpt-j-6b", "").await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods() {
+        let app = router(state(&[]));
+        let (st, v) = call(app.clone(), "GET", "/nope", "").await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        assert!(v["error"].as_str().unwrap().contains("/nope"));
+        let (st, _) = call(app, "DELETE", "/v1/models", "").await;
+        assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

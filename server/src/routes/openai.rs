@@ -79,6 +79,14 @@ pub struct CompletionRequest {
     pub include_usage: bool,
 }
 
+/// OpenAI's names for our parameters, for error messages.
+const WIRE_NAMES: &[(&str, &str)] = &[
+    ("max_new_tokens", "max_tokens"),
+    ("min_new_tokens", "min_tokens"),
+    ("num_return_sequences", "n"),
+    ("return_full_text", "echo"),
+];
+
 const KNOWN: &str = "model, prompt, max_tokens, temperature, top_p, n, stream, stream_options, \
                      stop, seed, echo, user, presence_penalty, frequency_penalty, logprobs, \
                      best_of, logit_bias, suffix, top_k, repetition_penalty, min_tokens";
@@ -91,6 +99,7 @@ pub fn parse_completion(
 ) -> Result<CompletionRequest, ValidationError> {
     let mut params = RequestParams {
         prefix: String::new(),
+        wire_names: WIRE_NAMES,
         do_sample: Some(true),
         return_full_text: Some(false),
         ..Default::default()
