@@ -1,0 +1,690 @@
+#!/usr/bin/env python3
+"""Offline tests of the gptj Helm chart (run by deploy/validate.sh inside its venv).
+
+For each value set in tests/values (and the chart's defaults) it runs `helm lint --strict`,
+renders the chart (helm-python-sdk: the Helm v4 Go SDK, no cluster), lints the output with
+yamllint, validates core kinds with kubernetes-validate --strict and the InferenceService with
+check-jsonschema against KServe's CRD schema (schemas/), then checks that every parameter of
+the seed's service maps to the right rendered field and that Knative's rules hold. Values the
+chart must refuse (schema or template checks) are tested too.
+
+Usage: chart_test.py [--out DIR] [--kube-version 1.30.0] [-k SUBSTRING]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import helm_python as helm
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent.parent
+CHART = DEPLOY / "helm" / "gptj"
+VALUES_DIR = DEPLOY / "tests" / "values"
+ISVC_SCHEMA = DEPLOY / "schemas" / "inferenceservice-v1beta1.json"
+BIN = Path(sys.executable).parent
+RELEASE = "gpt-j-6b-my"
+NAMESPACE = "inference"
+YAMLLINT_CONFIG = (
+    "{extends: default, rules: {line-length: {max: 160}, document-start: disable, "
+    "indentation: {spaces: consistent, indent-sequences: whatever}, "
+    "comments: {min-spaces-from-content: 1}, truthy: {check-keys: false}}}"
+)
+# Ports Knative's queue-proxy takes (knative/serving pkg/apis/serving/k8s_validation.go).
+KNATIVE_RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091}
+KNATIVE_RESERVED_ENV = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
+# Pod fields Knative refuses (fieldmask.go), by default or always.
+KNATIVE_REFUSED_POD_FIELDS = {
+    "initContainers", "terminationGracePeriodSeconds", "securityContext", "schedulerName",
+    "priorityClassName", "dnsPolicy", "hostNetwork", "runtimeClassName",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny test harness: named checks, every failure reported, a summary at the end.
+
+class Report:
+    def __init__(self, only: str | None):
+        self.only = only
+        self.passed = 0
+        self.failed: list[str] = []
+
+    def check(self, name: str, fn) -> None:
+        if self.only and self.only not in name:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the run
+            detail = str(e) if isinstance(e, AssertionError) else traceback.format_exc(limit=3)
+            self.failed.append(name)
+            print(f"FAIL {name}\n     {detail.strip()}".replace("\n", "\n     "), flush=True)
+        else:
+            self.passed += 1
+            print(f"ok   {name}", flush=True)
+
+
+def eq(actual, expected, what=""):
+    assert actual == expected, f"{what}: expected {expected!r}, got {actual!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+def load_values(name: str) -> dict:
+    if name == "defaults":
+        return {}
+    return yaml.safe_load((VALUES_DIR / f"{name}.yaml").read_text()) or {}
+
+
+def render(values: dict, revision: int = 1) -> dict[str, str]:
+    """Template path -> manifest text, like `helm template` (schema validated first)."""
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values)
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, revision=revision, is_install=True)
+
+
+class Rendered:
+    def __init__(self, name: str, values: dict, out: Path):
+        self.name = name
+        self.values = values
+        self.files = render(values)
+        self.notes = self.files.get("gptj/templates/NOTES.txt", "")
+        self.docs: list[dict] = []
+        chunks = []
+        for path, text in sorted(self.files.items()):
+            if path.endswith("NOTES.txt") or not text.strip():
+                continue
+            chunks.append(f"---\n# Source: {path}\n{text.strip()}\n")
+            for doc in yaml.safe_load_all(text):
+                if doc:
+                    self.docs.append(doc)
+        self.dir = out / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in [*self.dir.glob("*.yaml"), *self.dir.glob("*.sh")]:
+            old.unlink()
+        self.all_file = self.dir / "all.yaml"
+        self.all_file.write_text("".join(chunks))
+        # check-jsonschema validates one document per file.
+        for job in self.of_kind("Job"):
+            if job["metadata"]["labels"].get("app.kubernetes.io/component") == "model-download":
+                script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+                (self.dir / "download-job.sh").write_text("#!/bin/sh\n" + script)
+        self.isvc_files = []
+        for i, doc in enumerate(self.of_kind("InferenceService")):
+            f = self.dir / f"isvc-{i}.yaml"
+            f.write_text(yaml.safe_dump(doc, sort_keys=False))
+            self.isvc_files.append(f)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [d for d in self.docs if d.get("kind") == kind]
+
+    def one(self, kind: str) -> dict:
+        found = self.of_kind(kind)
+        assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+        return found[0]
+
+    def kinds(self) -> list[str]:
+        return sorted(d["kind"] for d in self.docs)
+
+
+def docs_of(files: dict[str, str]) -> list[dict]:
+    return [d for path, text in files.items() if not path.endswith("NOTES.txt")
+            for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+
+
+def env_of(container: dict) -> dict:
+    out = {}
+    for e in container.get("env", []):
+        out[e["name"]] = e.get("value", e.get("valueFrom"))
+    return out
+
+
+def predictor(r: Rendered) -> dict:
+    return r.one("InferenceService")["spec"]["predictor"]
+
+
+def server_container(r: Rendered) -> dict:
+    if r.of_kind("InferenceService"):
+        cs = predictor(r)["containers"]
+    else:
+        cs = r.one("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(cs) == 1, f"expected one container, got {len(cs)}"
+    return cs[0]
+
+
+def jobs(r: Rendered, component: str) -> list[dict]:
+    return [j for j in r.of_kind("Job")
+            if j["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+
+
+def arg_after(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} not in {args}"
+    return args[args.index(flag) + 1]
+
+
+def run_tool(cmd: list[str]) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(map(str, cmd))} exited {p.returncode}:\n{p.stdout}{p.stderr}"
+
+
+def lint(values: dict, kube_version: str) -> None:
+    report = helm.lint(str(CHART), values, strict=True, kube_version=f"v{kube_version}")
+    bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    assert not report.get("errors") and not bad, f"helm lint: {report}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that hold for every value set
+
+def generic_checks(rep: Report, r: Rendered, kube_version: str) -> None:
+    n = r.name
+    rep.check(f"{n}: helm lint --strict", lambda: lint(r.values, kube_version))
+    rep.check(f"{n}: yamllint of the rendered manifests",
+              lambda: run_tool([BIN / "yamllint", "-s", "-d", YAMLLINT_CONFIG, str(r.all_file)]))
+    rep.check(f"{n}: kubernetes-validate --strict (core kinds, k8s {kube_version})",
+              lambda: run_tool([BIN / "kubernetes-validate", "--strict", "--quiet", "-k", kube_version, str(r.all_file)]))
+    if r.isvc_files:
+        rep.check(f"{n}: check-jsonschema InferenceService against KServe's CRD schema",
+                  lambda: run_tool([BIN / "check-jsonschema", "--schemafile", str(ISVC_SCHEMA), *map(str, r.isvc_files)]))
+
+    def names_unique():
+        keys = [(d["kind"], d["metadata"]["name"]) for d in r.docs]
+        assert len(keys) == len(set(keys)), f"duplicate objects: {keys}"
+    rep.check(f"{n}: object names are unique", names_unique)
+
+    def pvc_hook_kept():
+        for pvc in r.of_kind("PersistentVolumeClaim"):
+            a = pvc["metadata"]["annotations"]
+            eq(a.get("helm.sh/hook"), "pre-install", "PVC hook")
+            eq(a.get("helm.sh/resource-policy"), "keep", "PVC resource policy")
+    rep.check(f"{n}: model-cache PVC is a pre-install hook kept on uninstall", pvc_hook_kept)
+
+    def download_job_before_server():
+        for job in jobs(r, "model-download"):
+            a = job["metadata"]["annotations"]
+            assert "pre-install" in a["helm.sh/hook"] and "pre-upgrade" in a["helm.sh/hook"], a
+            pvcs = r.of_kind("PersistentVolumeClaim")
+            if pvcs:
+                assert int(pvcs[0]["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(a["helm.sh/hook-weight"]), \
+                    "the PVC hook must come before the download Job"
+            c = job["spec"]["template"]["spec"]["containers"][0]
+            env = env_of(c)
+            eq(env["NVIDIA_VISIBLE_DEVICES"], "void", "download Job GPU")
+            assert "nvidia.com/gpu" not in str(c.get("resources")), "the download Job must not take a GPU"
+            assert ".gptj-complete" in c["args"][0], "the download Job checks the cache's completeness marker"
+    rep.check(f"{n}: download Job runs after the PVC, without a GPU, and checks the cache marker", download_job_before_server)
+
+    def non_root():
+        for d in r.docs:
+            spec = (d.get("spec", {}).get("predictor") if d["kind"] == "InferenceService"
+                    else d.get("spec", {}).get("template", {}).get("spec"))
+            if not spec:
+                continue
+            for c in spec["containers"]:
+                sc = c.get("securityContext", {})
+                assert sc.get("runAsNonRoot") is True and sc.get("allowPrivilegeEscalation") is False, \
+                    f"{d['kind']}/{c['name']}: {sc}"
+    rep.check(f"{n}: every container runs as non-root without privilege escalation", non_root)
+
+
+def server_checks(rep: Report, r: Rendered, v: dict) -> None:
+    """The server's probes, port, environment, lifecycle (any mode with a server)."""
+    n = r.name
+    model_name = v.get("model", {}).get("name", "eleutherai-gpt-j-6b")
+
+    def probes():
+        c = server_container(r)
+        eq(c["readinessProbe"]["httpGet"]["path"], f"/v1/models/{model_name}", "readiness path")
+        eq(c["livenessProbe"]["httpGet"]["path"], "/", "liveness path")
+        eq(c["startupProbe"]["httpGet"]["path"], f"/v1/models/{model_name}", "startup path")
+        budget = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
+        assert budget >= 900, f"startup probe allows only {budget}s for a 12 GB load"
+        for p in ("startupProbe", "readinessProbe", "livenessProbe"):
+            eq(c[p]["httpGet"]["port"], c["ports"][0]["containerPort"], f"{p} port")
+    rep.check(f"{n}: startup (>= 15 min) and readiness on /v1/models/{{name}}, liveness on /", probes)
+
+    def one_port():
+        c = server_container(r)
+        eq(len(c["ports"]), 1, "container ports")
+        eq(c["ports"][0]["containerPort"], 8080, "containerPort")
+        eq(c["args"][0], "serve", "the container runs `gptj serve`")
+    rep.check(f"{n}: one container port, 8080, running `gptj serve`", one_port)
+
+    def model_env():
+        env = env_of(server_container(r))
+        m = v.get("model", {})
+        ref = m.get("id", "EleutherAI/gpt-j-6b")
+        rev = m.get("revision", "float16")
+        eq(env["GPTJ_MODEL"], f"{ref}@{rev}" if rev else ref, "GPTJ_MODEL")
+        eq(env["GPTJ_MODEL_NAME"], model_name, "GPTJ_MODEL_NAME")
+        eq(env["GPTJ_CACHE_DIR"], "/mnt/models", "GPTJ_CACHE_DIR")
+        eq(env["GPTJ_PRECISION"], v.get("precision", "fp16"), "[seed] precision -> GPTJ_PRECISION")
+        eq(env["GPTJ_DEVICE"], "cuda" if v.get("gpu", {}).get("enabled", True) else "cpu", "GPTJ_DEVICE")
+        s = v.get("server", {})
+        eq(env["GPTJ_SHUTDOWN_TIMEOUT"], f"{s.get('shutdownTimeoutSeconds', 30)}s", "GPTJ_SHUTDOWN_TIMEOUT")
+        if s.get("kvCacheMemory"):
+            eq(env["GPTJ_KV_CACHE_MEMORY"], s["kvCacheMemory"], "GPTJ_KV_CACHE_MEMORY")
+        q = v.get("queue", {})
+        eq(env["GPTJ_MAX_NUM_SEQS"], str(q.get("maxNumSeqs", 64)), "GPTJ_MAX_NUM_SEQS")
+        eq(env["GPTJ_MAX_QUEUED_SEQS"], str(q.get("maxQueuedSeqs", 1024)), "GPTJ_MAX_QUEUED_SEQS")
+        eq(env["GPTJ_MAX_QUEUED_TOKENS"], "1048576", "GPTJ_MAX_QUEUED_TOKENS (no float formatting)")
+        g = v.get("generation", {})
+        if g.get("maxLength") is not None:
+            eq(env.get("GPTJ_MAX_LENGTH"), str(g["maxLength"]), "GPTJ_MAX_LENGTH")
+            assert "GPTJ_MAX_NEW_TOKENS" not in env, "max_length and max_new_tokens conflict in gptj serve"
+        else:
+            eq(env.get("GPTJ_MAX_NEW_TOKENS"), "50", "GPTJ_MAX_NEW_TOKENS")
+        for key, var, default in (("temperature", "GPTJ_TEMPERATURE", 1), ("topP", "GPTJ_TOP_P", 1)):
+            eq(float(env[var]), float(g.get(key, default)), var)
+        if g.get("seed") is not None:
+            eq(env["GPTJ_SEED"], str(g["seed"]), "GPTJ_SEED")
+    rep.check(f"{n}: model, precision, device, queue limits, KV cache and generation defaults -> GPTJ_* env", model_env)
+
+    def api_keys():
+        env = env_of(server_container(r))
+        a = v.get("apiKeys", {})
+        if a.get("existingSecret"):
+            eq(env["GPTJ_API_KEY"], {"secretKeyRef": {"name": a["existingSecret"], "key": a.get("secretKey", "api-keys")}}, "GPTJ_API_KEY")
+            assert not r.of_kind("Secret"), "no Secret is created when one exists"
+        elif a.get("keys"):
+            secret = r.one("Secret")
+            eq(env["GPTJ_API_KEY"]["secretKeyRef"]["name"], secret["metadata"]["name"], "GPTJ_API_KEY secret")
+            eq(secret["stringData"]["api-keys"], ",".join(a["keys"]), "secret content")
+        else:
+            assert "GPTJ_API_KEY" not in env, "no API key configured"
+    rep.check(f"{n}: API keys come from a Secret", api_keys)
+
+    def gpu():
+        g = v.get("gpu", {})
+        c = server_container(r)
+        res = c["resources"]
+        if g.get("enabled", True):
+            eq(res["limits"].get("nvidia.com/gpu"), g.get("count", 1), "[seed] GPU -> limits nvidia.com/gpu")
+            eq(res["requests"].get("nvidia.com/gpu"), g.get("count", 1), "requests nvidia.com/gpu")
+        else:
+            assert "nvidia.com/gpu" not in res.get("limits", {}), "no GPU requested"
+    rep.check(f"{n}: [seed] GPU -> nvidia.com/gpu requests and limits", gpu)
+
+    def placement():
+        spec = predictor(r) if r.of_kind("InferenceService") else r.one("Deployment")["spec"]["template"]["spec"]
+        check_placement(spec, v)
+    rep.check(f"{n}: [seed] GPU model -> node selector / affinity", placement)
+
+    def prometheus():
+        if r.of_kind("InferenceService"):
+            ann = predictor(r)["annotations"]
+            eq(ann["prometheus.kserve.io/port"], "8080", "prometheus.kserve.io/port")
+        else:
+            ann = r.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+        eq(ann["prometheus.io/scrape"], "true", "prometheus.io/scrape")
+        eq(ann["prometheus.io/port"], "8080", "prometheus.io/port")
+        eq(ann["prometheus.io/path"], "/metrics", "prometheus.io/path")
+        want = v.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False)
+        monitors = r.of_kind("ServiceMonitor") + r.of_kind("PodMonitor")
+        eq(len(monitors), 1 if want else 0, "ServiceMonitor/PodMonitor count")
+        if want and r.of_kind("PodMonitor"):
+            pm = r.one("PodMonitor")
+            eq(pm["spec"]["selector"]["matchLabels"], {"serving.kserve.io/inferenceservice": RELEASE}, "PodMonitor selector")
+            port = "user-port" if v.get("deploymentMode", "Serverless") == "Serverless" else "http1"
+            eq(pm["spec"]["podMetricsEndpoints"][0]["port"], port, "PodMonitor port")
+        if want and r.of_kind("ServiceMonitor"):
+            eq(r.one("ServiceMonitor")["spec"]["endpoints"][0]["port"], "http", "ServiceMonitor port")
+    rep.check(f"{n}: Prometheus scrape annotations (+ ServiceMonitor/PodMonitor when enabled)", prometheus)
+
+    def cache_for_server():
+        c = server_container(r)
+        claim = v.get("modelCache", {}).get("existingClaim") or f"{RELEASE}-model-cache"
+        if r.of_kind("InferenceService"):
+            eq(env_of(c)["STORAGE_URI"], f"pvc://{claim}/", "STORAGE_URI")
+            assert not c.get("volumeMounts"), "KServe mounts the pvc:// STORAGE_URI itself"
+        else:
+            vols = r.one("Deployment")["spec"]["template"]["spec"]["volumes"]
+            eq(vols[0]["persistentVolumeClaim"]["claimName"], claim, "cache claim")
+            eq(c["volumeMounts"][0]["mountPath"], "/mnt/models", "cache mount")
+    rep.check(f"{n}: every replica uses the shared model-cache PVC at /mnt/models", cache_for_server)
+
+
+def check_placement(spec: dict, v: dict) -> None:
+    g = v.get("gpu", {})
+    label, kind = g.get("nodeLabel", "gpu.nvidia.com/class"), g.get("type", "")
+    if not (g.get("enabled", True) and kind):
+        assert label not in str(spec.get("nodeSelector", {})) + str(spec.get("affinity", {})), "no GPU placement"
+    elif g.get("placement", "nodeSelector") == "nodeSelector":
+        eq(spec["nodeSelector"].get(label), kind, f"nodeSelector {label}")
+    else:
+        term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+        eq(term["matchExpressions"][0], {"key": label, "operator": "In", "values": [kind]}, "node affinity")
+
+
+def pvc_checks(rep: Report, r: Rendered, v: dict) -> None:
+    mc = v.get("modelCache", {})
+
+    def pvc():
+        pvcs = r.of_kind("PersistentVolumeClaim")
+        if mc.get("existingClaim"):
+            eq(len(pvcs), 0, "no PVC with existingClaim")
+            return
+        spec = r.one("PersistentVolumeClaim")["spec"]
+        eq(spec["resources"]["requests"]["storage"], mc.get("diskSize", "40Gi"), "[seed] disk size -> PVC storage")
+        eq(spec["accessModes"], mc.get("accessModes", ["ReadWriteMany"]), "access modes")
+        if mc.get("storageClassName"):
+            eq(spec["storageClassName"], mc["storageClassName"], "storage class")
+    rep.check(f"{r.name}: [seed] disk size -> model-cache PVC size", pvc)
+
+
+def benchmark_checks(rep: Report, r: Rendered, v: dict) -> None:
+    b = v.get("benchmark", {})
+
+    def job():
+        found = jobs(r, "benchmark")
+        if not b.get("batchSize", 0):
+            eq(len(found), 0, "benchmark Job with batchSize 0")
+            return
+        eq(len(found), 1, "benchmark Jobs")
+        j = found[0]
+        eq(j["metadata"]["name"], f"{RELEASE}-benchmark-r1", "benchmark Job name (one per revision)")
+        eq(j["metadata"]["annotations"].get("helm.sh/resource-policy"), "keep", "benchmark Job kept on uninstall")
+        spec = j["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        args = c["args"]
+        eq(args[0], "bench", "gptj bench")
+        eq(arg_after(args, "--batch-size"), str(b["batchSize"]), "[seed] batch size -> --batch-size")
+        eq(arg_after(args, "--warmup-rounds"), str(b.get("warmupRounds", 1)), "[seed] warm-up rounds -> --warmup-rounds")
+        eq(arg_after(args, "--precision"), v.get("precision", "fp16"), "[seed] precision -> --precision")
+        eq(arg_after(args, "--model"), "EleutherAI/gpt-j-6b@float16", "--model")
+        eq(env_of(c)["GPTJ_CACHE_DIR"], "/mnt/models", "benchmark cache dir")
+        eq(env_of(c)["GPTJ_MAX_NUM_SEQS"], str(v.get("queue", {}).get("maxNumSeqs", 64)), "benchmark batching limit")
+        eq(arg_after(args, "--out-dir"), f"/mnt/models/benchmarks/{RELEASE}-benchmark-r1", "results kept in the cache PVC")
+        eq(c["volumeMounts"][0].get("readOnly"), False, "the results need a writable cache mount")
+        if v.get("gpu", {}).get("enabled", True):
+            eq(c["resources"]["limits"].get("nvidia.com/gpu"), v.get("gpu", {}).get("count", 1), "benchmark GPU")
+        check_placement(spec, v)
+        eq(spec["restartPolicy"], "Never", "restartPolicy")
+    rep.check(f"{r.name}: [seed] benchmark batch size / warm-up -> Job args (Job only when batchSize > 0)", job)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode-specific checks
+
+def serverless_checks(rep: Report, r: Rendered, v: dict) -> None:
+    n = r.name
+
+    def isvc():
+        d = r.one("InferenceService")
+        eq(d["apiVersion"], "serving.kserve.io/v1beta1", "apiVersion")
+        eq(d["metadata"]["name"], RELEASE, "InferenceService name")
+        a = d["metadata"]["annotations"]
+        eq(a["serving.kserve.io/deploymentMode"], "Serverless", "deploymentMode annotation")
+        p = predictor(r)
+        eq(p["containers"][0]["name"], "kserve-container", "container name")
+        eq(p["minReplicas"], v["minReplicas"], "[seed] minReplicas -> spec.predictor.minReplicas")
+        eq(p["maxReplicas"], v["maxReplicas"], "[seed] maxReplicas -> spec.predictor.maxReplicas")
+        eq(a.get("autoscaling.knative.dev/scale-to-zero-pod-retention-period"), v["scaleToZeroPodRetentionPeriod"],
+           "[seed] scaleToZeroPodRetentionPeriod -> autoscaling.knative.dev/scale-to-zero-pod-retention-period")
+        for bad in ("autoscaling.knative.dev/minScale", "autoscaling.knative.dev/maxScale",
+                    "autoscaling.knative.dev/min-scale", "autoscaling.knative.dev/max-scale"):
+            assert bad not in a, f"{bad}: KServe filters it; use min/maxReplicas"
+        eq(p["scaleMetric"], "concurrency", "scaleMetric")
+        assert int(a["serving.knative.dev/progress-deadline"].rstrip("s")) > \
+            p["containers"][0]["startupProbe"]["periodSeconds"] * p["containers"][0]["startupProbe"]["failureThreshold"], \
+            "progress deadline must exceed the startup probe's budget"
+        assert p["timeout"] >= v.get("server", {}).get("shutdownTimeoutSeconds", 30), \
+            "timeout (Knative's grace period) must cover --shutdown-timeout"
+    rep.check(f"{n}: Serverless InferenceService: kserve-container, [seed] min/max replicas, scale-to-zero retention", isvc)
+
+    def knative_rules():
+        p = predictor(r)
+        refused = KNATIVE_REFUSED_POD_FIELDS & set(p)
+        assert not refused, f"Knative refuses pod fields {refused}"
+        c = p["containers"][0]
+        assert "lifecycle" not in c, "Knative refuses lifecycle"
+        eq(len(p["containers"]), 1, "containers")
+        eq(len(c["ports"]), 1, "Knative allows one port")
+        assert c["ports"][0]["containerPort"] not in KNATIVE_RESERVED_PORTS, "reserved port"
+        assert c["ports"][0]["name"] in ("http1", "h2c"), "port name must be http1 or h2c"
+        reserved = KNATIVE_RESERVED_ENV & set(env_of(c))
+        assert not reserved, f"Knative reserves env {reserved}"
+        assert not c.get("volumeMounts") and not p.get("volumes"), "PVC volumes need a Knative flag: use STORAGE_URI"
+    rep.check(f"{n}: nothing Knative refuses (initContainers, grace period, lifecycle, PORT, 2nd port, PVC volume)", knative_rules)
+
+
+def raw_checks(rep: Report, r: Rendered, v: dict) -> None:
+    n = r.name
+
+    def isvc():
+        d = r.one("InferenceService")
+        a = d["metadata"]["annotations"]
+        eq(a["serving.kserve.io/deploymentMode"], "RawDeployment", "deploymentMode annotation")
+        eq(a["serving.kserve.io/autoscalerClass"], "hpa", "autoscalerClass")
+        assert "autoscaling.knative.dev/scale-to-zero-pod-retention-period" not in a, "no Knative annotation in raw mode"
+        p = predictor(r)
+        eq(p["containers"][0]["name"], "kserve-container", "container name")
+        eq(p["minReplicas"], max(1, v["minReplicas"]), "[seed] minReplicas -> minReplicas (>= 1)")
+        eq(p["maxReplicas"], v["maxReplicas"], "[seed] maxReplicas -> maxReplicas")
+        eq(p["scaleMetric"], v["autoscaling"]["hpa"]["metric"], "scaleMetric")
+        eq(p["scaleTarget"], v["autoscaling"]["hpa"]["target"], "scaleTarget")
+        s = v["server"]
+        assert p["terminationGracePeriodSeconds"] >= s["shutdownTimeoutSeconds"] + s["preStopSleepSeconds"], \
+            "grace period must cover preStop + --shutdown-timeout"
+        eq(p["containers"][0]["lifecycle"]["preStop"]["exec"]["command"], ["sleep", str(s["preStopSleepSeconds"])], "preStop")
+        eq(p["securityContext"]["fsGroup"], 10001, "fsGroup")
+        eq(env_of(p["containers"][0])["PORT"], "8080", "PORT")
+        eq(p["tolerations"], v["tolerations"], "tolerations")
+    rep.check(f"{n}: RawDeployment InferenceService: HPA knobs, grace period covers --shutdown-timeout, preStop", isvc)
+
+
+def deployment_checks(rep: Report, r: Rendered, v: dict) -> None:
+    n = r.name
+
+    def objects():
+        assert not r.of_kind("InferenceService"), "no InferenceService in Deployment mode"
+        dep = r.one("Deployment")
+        assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+        pod = dep["spec"]["template"]["spec"]
+        s = v.get("server", {})
+        assert pod["terminationGracePeriodSeconds"] >= s.get("shutdownTimeoutSeconds", 30) + s.get("preStopSleepSeconds", 10), \
+            "grace period must cover preStop + --shutdown-timeout"
+        svc = r.one("Service")
+        eq(svc["spec"]["selector"], dep["spec"]["selector"]["matchLabels"], "Service selector")
+        eq([(p["name"], p["targetPort"]) for p in svc["spec"]["ports"]], [("http", "http")], "Service ports")
+        hpa = r.one("HorizontalPodAutoscaler")
+        eq(hpa["spec"]["minReplicas"], v["minReplicas"], "[seed] minReplicas -> HPA minReplicas")
+        eq(hpa["spec"]["maxReplicas"], v["maxReplicas"], "[seed] maxReplicas -> HPA maxReplicas")
+        eq(hpa["spec"]["scaleTargetRef"]["name"], dep["metadata"]["name"], "HPA target")
+        eq(hpa["spec"]["metrics"][0]["resource"]["name"], "cpu", "HPA metric")
+        eq(r.one("PodDisruptionBudget")["spec"]["minAvailable"], 1, "PDB")
+    rep.check(f"{n}: Deployment + Service + HPA ([seed] min/max replicas) + PDB", objects)
+
+
+def benchmark_only_checks(rep: Report, r: Rendered, v: dict) -> None:
+    def only_job():
+        for kind in ("InferenceService", "Deployment", "Service", "HorizontalPodAutoscaler", "PodMonitor", "ServiceMonitor", "Secret"):
+            eq(len(r.of_kind(kind)), 0, f"[seed] benchmark only: no {kind}")
+        eq(len(jobs(r, "benchmark")), 1, "benchmark Job")
+        eq(len(jobs(r, "model-download")), 1, "the model is still downloaded first")
+        assert "Benchmark only" in r.notes, "NOTES explain benchmark-only"
+    rep.check(f"{r.name}: [seed] benchmark only -> the benchmark Job and no service", only_job)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that must be refused
+
+BAD_VALUES = [
+    ("minReplicas -1", {"minReplicas": -1}),
+    ("maxReplicas 0", {"maxReplicas": 0}),
+    ("minReplicas as a string", {"minReplicas": "1"}),
+    ("precision fp8", {"precision": "fp8"}),
+    ("precision float16 (the server's alias, not the chart's enum)", {"precision": "float16"}),
+    ("deploymentMode Knativ", {"deploymentMode": "Knativ"}),
+    ("scaleToZeroPodRetentionPeriod '30 minutes'", {"scaleToZeroPodRetentionPeriod": "30 minutes"}),
+    ("scaleToZeroPodRetentionPeriod as a number", {"scaleToZeroPodRetentionPeriod": 30}),
+    ("disk size 'lots'", {"modelCache": {"diskSize": "lots"}}),
+    ("disk size 0Gi", {"modelCache": {"diskSize": "0Gi"}}),
+    ("benchmark batchSize -1", {"benchmark": {"batchSize": -1}}),
+    ("benchmark only with batchSize 0", {"benchmark": {"batchSize": 0, "only": True}}),
+    ("warmupRounds -2", {"benchmark": {"warmupRounds": -2}}),
+    ("gpu count 0", {"gpu": {"count": 0}}),
+    ("gpu placement 'anywhere'", {"gpu": {"placement": "anywhere"}}),
+    ("typo at the top level (minReplica)", {"minReplica": 0}),
+    ("typo in a section (gpu.typ)", {"gpu": {"typ": "A40"}}),
+    ("Knative queue-proxy port 9091", {"server": {"containerPort": 9091}}),
+    ("PORT in extraEnv", {"server": {"extraEnv": [{"name": "PORT", "value": "80"}]}}),
+    ("kvCacheMemory '4XB'", {"server": {"kvCacheMemory": "4XB"}}),
+    ("topP 1.5", {"generation": {"topP": 1.5}}),
+    ("temperature -1", {"generation": {"temperature": -1}}),
+    ("maxNewTokens 4096 (over GPT-J's 2048)", {"generation": {"maxNewTokens": 4096}}),
+    ("autoscaling.knative.metric qps (KServe rejects it)", {"autoscaling": {"knative": {"metric": "qps"}}}),
+    ("autoscalerClass kpa in RawDeployment", {"kserve": {"autoscalerClass": "kpa"}}),
+    ("API key with a comma", {"apiKeys": {"keys": ["a,b"]}}),
+    ("model id without an owner", {"model": {"id": "gpt-j-6b"}}),
+    ("accessModes empty", {"modelCache": {"accessModes": []}}),
+    ("fullnameOverride with capitals", {"fullnameOverride": "GPT-J"}),
+]
+
+# Values the schema lets through but the templates refuse (relations between values).
+BAD_RENDERS = [
+    ("minReplicas > maxReplicas", {"minReplicas": 3, "maxReplicas": 2}),
+    ("Serverless timeout below --shutdown-timeout", {"kserve": {"timeoutSeconds": 20}, "server": {"shutdownTimeoutSeconds": 60}}),
+]
+
+
+def refusal_checks(rep: Report) -> None:
+    def refused_by_schema(values):
+        # The error must name the bad value: its path, or (for an unknown key) the key.
+        keys, node = [], values
+        while isinstance(node, dict):
+            key = next(iter(node))
+            keys.append(key)
+            node = node[key]
+        path = "/" + "/".join(keys)
+        with helm.Chart.load(str(CHART)) as chart:
+            try:
+                chart.validate_schema(values)
+            except helm.HelmError as e:
+                msg = str(e)
+                assert f"at '{path}" in msg or f"'{keys[-1]}' not allowed" in msg, f"error does not name {path}: {msg}"
+                return
+        raise AssertionError(f"the schema accepted {values}")
+
+    def refused_by_lint(values):
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report.get("errors") or any(m.get("severity", 0) >= 3 for m in report.get("messages", [])), \
+            f"helm lint accepted {values}"
+
+    def refused_by_render(values):
+        try:
+            render(values)
+        except helm.HelmError:
+            return
+        raise AssertionError(f"rendered {values}")
+
+    for what, values in BAD_VALUES:
+        rep.check(f"refused by values.schema.json: {what}", lambda v=values: refused_by_schema(v))
+    rep.check("refused by helm lint too: minReplicas -1", lambda: refused_by_lint({"minReplicas": -1}))
+    for what, values in BAD_RENDERS:
+        rep.check(f"refused by the templates: {what}", lambda v=values: refused_by_render(v))
+
+    def good_variants():
+        # Edge values that must be accepted.
+        for values in ({"scaleToZeroPodRetentionPeriod": ""}, {"scaleToZeroPodRetentionPeriod": "1h30m"},
+                       {"precision": "native"}, {"model": {"revision": ""}}, {"benchmark": {"batchSize": 0}},
+                       {"kserve": {"apiVersion": "serving.kubeflow.org/v1beta1"}},
+                       {"server": {"kvCacheMemory": "8GiB"}}, {"gpu": {"enabled": False}}):
+            render(values)
+    rep.check("accepted: edge values (empty retention, native, no revision, legacy API group, CPU)", good_variants)
+
+
+def variant_checks(rep: Report) -> None:
+    def no_revision():
+        r = render({"model": {"revision": ""}})
+        text = "\n".join(r.values())
+        assert '"EleutherAI/gpt-j-6b"' in text and "EleutherAI--gpt-j-6b/main/.gptj-complete" in text, \
+            "without a revision the server uses main"
+    rep.check("model without revision -> GPTJ_MODEL id, cache dir <id>/main", no_revision)
+
+    def no_download():
+        docs = docs_of(render({"modelCache": {"download": {"enabled": False}}}))
+        assert not [d for d in docs if d.get("kind") == "Job"], "no download Job"
+        isvc = next(d for d in docs if d.get("kind") == "InferenceService")
+        eq(isvc["metadata"]["annotations"].get("storage.kserve.io/readonly"), "false",
+           "the server downloads into a writable cache")
+    rep.check("download Job off -> the server fills the cache itself (read-write pvc:// mount)", no_download)
+
+    def minzero_raw():
+        docs = docs_of(render({"deploymentMode": "RawDeployment", "minReplicas": 0}))
+        isvc = next(d for d in docs if d.get("kind") == "InferenceService")
+        eq(isvc["spec"]["predictor"]["minReplicas"], 1, "RawDeployment keeps one replica")
+    rep.check("minReplicas 0 outside Serverless -> 1 (as KServe clamps it)", minzero_raw)
+
+    def upgrade_revision():
+        files = render({"benchmark": {"batchSize": 2}}, revision=3)
+        assert "gpt-j-6b-my-benchmark-r3" in "".join(files.values()), "benchmark Job named by revision"
+    rep.check("benchmark Job per Helm revision (Jobs are immutable)", upgrade_revision)
+
+    def results_in_log_only():
+        docs = docs_of(render({"benchmark": {"batchSize": 2, "saveToCache": False}}))
+        job = next(d for d in docs if d.get("kind") == "Job" and "benchmark" in d["metadata"]["name"])
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        eq(arg_after(c["args"], "--out-dir"), "/results", "scratch out-dir")
+        eq(c["volumeMounts"][0].get("readOnly"), True, "cache read-only when only read")
+    rep.check("benchmark.saveToCache false -> results in a scratch volume, cache read-only", results_in_log_only)
+
+    def cpu_image():
+        files = "".join(render({"gpu": {"enabled": False}, "image": {"tag": ""}}).values())
+        assert "ghcr.io/gptj-rs/gptj:0.1.0\n" in files and "-cuda" not in files, "CPU image without -cuda"
+        files = "".join(render({}).values())
+        assert "ghcr.io/gptj-rs/gptj:0.1.0-cuda" in files, "GPU image is the -cuda tag"
+    rep.check("image tag: appVersion, -cuda with GPUs", cpu_image)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(DEPLOY / ".out"), help="where rendered manifests go")
+    ap.add_argument("--kube-version", default="1.30.0")
+    ap.add_argument("-k", dest="only", help="run only checks whose name contains this")
+    args = ap.parse_args()
+    helm.disable_logging() if hasattr(helm, "disable_logging") else None
+    out = Path(args.out)
+    rep = Report(args.only)
+    started = time.monotonic()
+
+    sets = ["defaults"] + sorted(p.stem for p in VALUES_DIR.glob("*.yaml"))
+    for name in sets:
+        values = load_values(name)
+        try:
+            r = Rendered(name, values, out)
+        except Exception as e:  # noqa: BLE001
+            rep.check(f"{name}: renders", lambda e=e: (_ for _ in ()).throw(AssertionError(str(e))))
+            continue
+        rep.check(f"{name}: renders ({', '.join(r.kinds())})", lambda: None)
+        generic_checks(rep, r, args.kube_version)
+        pvc_checks(rep, r, values)
+        benchmark_checks(rep, r, values)
+        if values.get("benchmark", {}).get("only"):
+            benchmark_only_checks(rep, r, values)
+            continue
+        server_checks(rep, r, values)
+        mode = values.get("deploymentMode", "Serverless")
+        if name != "defaults":
+            {"Serverless": serverless_checks, "RawDeployment": raw_checks, "Deployment": deployment_checks}[mode](rep, r, values)
+
+    refusal_checks(rep)
+    variant_checks(rep)
+
+    took = time.monotonic() - started
+    print(f"\n{rep.passed} passed, {len(rep.failed)} failed in {took:.1f}s; rendered manifests in {out}")
+    for f in rep.failed:
+        print(f"  FAILED: {f}")
+    return 1 if rep.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

