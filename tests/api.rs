@@ -558,13 +558,14 @@ async fn streamed_and_not_streamed_agree_on_all_protocols() {
     let reference = generated_text(&v1["predictions"][0]).to_owned();
     assert!(!reference.is_empty());
     // OIP generate and generate_stream.
-    let body = json!({"text_input": prompt, "parameters": params});
+    let body = json!({"text_input": prompt, "parameters": params, "id": "req-1"});
     let (st, v2) = s
         .post_json(&format!("/v2/models/{MODEL}/generate"), &body)
         .await;
     assert_eq!(st, 200, "{v2}");
     assert_eq!(v2["text_output"], reference.as_str());
     assert_eq!(v2["model_name"], MODEL);
+    assert_eq!(v2["id"], "req-1");
     let (st, events) = s
         .post_sse(&format!("/v2/models/{MODEL}/generate_stream"), &body)
         .await;

@@ -150,22 +150,37 @@ impl Drop for RequestRecord {
             Err(poisoned) => poisoned.into_inner(),
         };
         let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e3).round() as u64);
-        tracing::info!(
-            request_id = %self.id,
-            method = %self.method,
-            route = self.route,
-            status = f.status,
-            error = f.error,
-            stream = f.stream,
-            sequences = f.sequences,
-            prompt_tokens = f.prompt_tokens,
-            generated_tokens = f.generated_tokens,
-            queue_ms = ms(f.queue_time),
-            first_token_ms = ms(f.first_token),
-            total_ms = (elapsed.as_secs_f64() * 1e3).round() as u64,
-            finish = f.finish.as_deref(),
-            "request"
-        );
+        // Probes and scrapes come every few seconds: their lines are debug-level unless they
+        // fail, so the info log holds the traffic that matters.
+        let quiet = f.status < 400
+            && !self.route.contains("predict")
+            && !self.route.contains("generate")
+            && !self.route.contains("completions");
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    request_id = %self.id,
+                    method = %self.method,
+                    route = self.route,
+                    status = f.status,
+                    error = f.error,
+                    stream = f.stream,
+                    sequences = f.sequences,
+                    prompt_tokens = f.prompt_tokens,
+                    generated_tokens = f.generated_tokens,
+                    queue_ms = ms(f.queue_time),
+                    first_token_ms = ms(f.first_token),
+                    total_ms = (elapsed.as_secs_f64() * 1e3).round() as u64,
+                    finish = f.finish.as_deref(),
+                    "request"
+                )
+            };
+        }
+        if quiet {
+            line!(debug);
+        } else {
+            line!(info);
+        }
     }
 }
 

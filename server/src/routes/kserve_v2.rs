@@ -109,6 +109,8 @@ pub struct GenerateRequest {
     pub text_input: String,
     /// The parameters (`return_full_text` defaults to false here).
     pub params: RequestParams,
+    /// The request's `id`, echoed in the response.
+    pub id: Option<Value>,
 }
 
 /// Parses and checks a generate body.
@@ -151,7 +153,22 @@ pub fn parse_generate(body: &Map<String, Value>) -> Result<GenerateRequest, Vali
     };
     params.return_full_text.get_or_insert(false);
     params.num_return_sequences = Some(1);
-    Ok(GenerateRequest { text_input, params })
+    let id = match body.get("id") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::String(_)) => Some(v.clone()),
+        Some(other) => {
+            return Err(ValidationError::WrongType {
+                field: "id".into(),
+                expected: "a string",
+                got: describe(other),
+            })
+        }
+    };
+    Ok(GenerateRequest {
+        text_input,
+        params,
+        id,
+    })
 }
 
 fn prompt_at(_: usize) -> String {
@@ -205,6 +222,7 @@ async fn run(
     let config = state.config();
     let req = parse_generate(&json_object(body, config.body_limit)?)?;
     let deadline = record.start() + config.request_timeout;
+    let request_id = req.id;
     let prompts = [req.text_input];
     let prepared = prepare(
         config,
@@ -243,13 +261,16 @@ async fn run(
     } else {
         f.text.clone()
     };
-    Ok(Json(json!({
+    let mut out = json!({
         "model_name": name,
         "text_output": text,
         "finish_reason": f.reason.as_str(),
         "usage": usage_json(&f.usage),
-    }))
-    .into_response())
+    });
+    if let Some(id) = request_id {
+        out["id"] = id;
+    }
+    Ok(Json(out).into_response())
 }
 
 struct StreamShaper {
