@@ -13,7 +13,7 @@ use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::error::{ApiError, Protocol};
 use crate::state::AppState;
@@ -58,14 +58,27 @@ impl ApiKeys {
 
     /// True if `presented` is one of the keys.
     pub fn accepts(&self, presented: &str) -> bool {
+        self.find(presented).is_some()
+    }
+
+    /// The position of `presented` among the keys. Every key is compared, in constant time.
+    pub fn find(&self, presented: &str) -> Option<usize> {
         let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let mut ok = subtle::Choice::from(0);
-        for k in &self.digests {
-            ok |= k.ct_eq(&d);
+        let mut found = subtle::Choice::from(0);
+        let mut index = 0u64;
+        for (i, k) in self.digests.iter().enumerate() {
+            let hit = k.ct_eq(&d);
+            index.conditional_assign(&(i as u64), hit);
+            found |= hit;
         }
-        ok.into()
+        bool::from(found).then_some(index as usize)
     }
 }
+
+/// Which key authenticated a request (its position among `--api-key`s): the scheduler's
+/// tenant when no tenant header is sent, so keys share the batch fairly.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyIndex(pub usize);
 
 /// Whether a request needs a key: every POST (all generation) and every OpenAI route.
 pub fn needs_key(method: &Method, path: &str) -> bool {
@@ -84,7 +97,7 @@ pub fn protocol_of(path: &str) -> Protocol {
 }
 
 /// Middleware: 401 on protected routes without a valid `Authorization: Bearer` key.
-pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn require_key(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let keys = &state.config().api_keys;
     if keys.is_empty() || !needs_key(req.method(), req.uri().path()) {
         return next.run(req).await;
@@ -97,9 +110,12 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
             let (scheme, token) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
-    match presented {
-        Some(key) if keys.accepts(key) => next.run(req).await,
-        _ => ApiError::Unauthorized.into_response_for(protocol_of(req.uri().path())),
+    match presented.and_then(|key| keys.find(key)) {
+        Some(i) => {
+            req.extensions_mut().insert(KeyIndex(i));
+            next.run(req).await
+        }
+        None => ApiError::Unauthorized.into_response_for(protocol_of(req.uri().path())),
     }
 }
 
@@ -112,6 +128,8 @@ mod tests {
         let k = ApiKeys::new(&["secret-1".into(), " ".into(), "other".into()]).unwrap();
         assert!(k.accepts("secret-1"));
         assert!(k.accepts("other"));
+        assert_eq!(k.find("other"), Some(1));
+        assert_eq!(k.find("secret-1"), Some(0));
         assert!(!k.accepts("SECRET-1"));
         assert!(!k.accepts("secret-"));
         assert!(!k.accepts(""));

@@ -75,7 +75,14 @@ async fn run(
             tokio::select! {
                 sig = shutdown::signal() => {
                     tracing::info!(signal = sig, "shutting down");
-                    shutdown::drain(&state, shutdown_timeout).await;
+                    tokio::select! {
+                        () = shutdown::drain(&state, shutdown_timeout) => {}
+                        sig = shutdown::signal() => {
+                            // An operator who asks twice does not want to wait.
+                            tracing::warn!(signal = sig, in_flight = state.in_flight(), "second signal: exiting now");
+                            std::process::exit(1);
+                        }
+                    }
                 }
                 Ok(e) = failed_rx => {
                     if let Ok(mut f) = failure.lock() {

@@ -24,6 +24,7 @@ use axum::{Extension, Json, Router};
 use serde_json::{json, Map, Value};
 
 use super::{check_model, json_object, respond, tenant};
+use crate::auth::KeyIndex;
 use crate::error::{ApiError, Protocol};
 use crate::generation::{collect_all, prepare};
 use crate::params::{describe, RequestParams, ValidationError};
@@ -157,11 +158,13 @@ async fn predict(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Extension(record): Extension<Arc<RequestRecord>>,
+    key: Option<Extension<KeyIndex>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let tenant = tenant(&state, &headers, key.map(|Extension(k)| k));
     respond(
-        predict_inner(state, name, record, headers, body).await,
+        predict_inner(state, name, record, tenant, body).await,
         Protocol::KserveV1,
     )
 }
@@ -170,7 +173,7 @@ async fn predict_inner(
     state: AppState,
     name: String,
     record: Arc<RequestRecord>,
-    headers: HeaderMap,
+    tenant: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Some(model) = name.strip_suffix(":predict") else {
@@ -195,7 +198,7 @@ async fn predict_inner(
         &req.instances,
         &req.params,
         instance_at,
-        tenant(&state, &headers),
+        tenant,
         deadline,
     )
     .await?;

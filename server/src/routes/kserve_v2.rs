@@ -28,6 +28,7 @@ use gptj_scheduler::{FinishReason, Usage};
 use serde_json::{json, Map, Value};
 
 use super::{check_model, json_object, respond, tenant};
+use crate::auth::KeyIndex;
 use crate::error::{ApiError, Protocol};
 use crate::generation::{collect_all, prepare};
 use crate::params::{describe, RequestParams, ValidationError};
@@ -187,11 +188,13 @@ async fn generate(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Extension(record): Extension<Arc<RequestRecord>>,
+    key: Option<Extension<KeyIndex>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let tenant = tenant(&state, &headers, key.map(|Extension(k)| k));
     respond(
-        run(state, name, record, headers, body, false).await,
+        run(state, name, record, tenant, body, false).await,
         Protocol::KserveV2,
     )
 }
@@ -200,11 +203,13 @@ async fn generate_stream(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Extension(record): Extension<Arc<RequestRecord>>,
+    key: Option<Extension<KeyIndex>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let tenant = tenant(&state, &headers, key.map(|Extension(k)| k));
     respond(
-        run(state, name, record, headers, body, true).await,
+        run(state, name, record, tenant, body, true).await,
         Protocol::KserveV2,
     )
 }
@@ -213,7 +218,7 @@ async fn run(
     state: AppState,
     name: String,
     record: Arc<RequestRecord>,
-    headers: HeaderMap,
+    tenant: Option<String>,
     body: Result<Bytes, BytesRejection>,
     stream: bool,
 ) -> Result<Response, ApiError> {
@@ -230,7 +235,7 @@ async fn run(
         &prompts,
         &req.params,
         prompt_at,
-        tenant(&state, &headers),
+        tenant,
         deadline,
     )
     .await?;

@@ -109,13 +109,19 @@ pub fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The tenant named by the configured header, if any.
-pub fn tenant(state: &AppState, headers: &HeaderMap) -> Option<String> {
+/// The request's tenant: the configured header's value if sent, else the API key that
+/// authenticated it (`key-<n>`), else none (one shared anonymous tenant).
+pub fn tenant(
+    state: &AppState,
+    headers: &HeaderMap,
+    key: Option<auth::KeyIndex>,
+) -> Option<String> {
     headers
         .get(&state.config().tenant_header)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim().chars().take(128).collect::<String>())
         .filter(|s| !s.is_empty())
+        .or_else(|| key.map(|k| format!("key-{}", k.0)))
 }
 
 /// Turns a handler's result into a response in `protocol`.

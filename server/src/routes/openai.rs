@@ -29,6 +29,7 @@ use gptj_scheduler::{FinishReason, Usage};
 use serde_json::{json, Map, Value};
 
 use super::{check_model, json_object, respond, tenant};
+use crate::auth::KeyIndex;
 use crate::error::{ApiError, Protocol};
 use crate::generation::{collect_all, prepare};
 use crate::params::{
@@ -274,16 +275,18 @@ fn finish_reason(r: &FinishReason) -> &'static str {
 async fn completions(
     State(state): State<AppState>,
     Extension(record): Extension<Arc<RequestRecord>>,
+    key: Option<Extension<KeyIndex>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    respond(run(state, record, headers, body).await, Protocol::OpenAi)
+    let tenant = tenant(&state, &headers, key.map(|Extension(k)| k));
+    respond(run(state, record, tenant, body).await, Protocol::OpenAi)
 }
 
 async fn run(
     state: AppState,
     record: Arc<RequestRecord>,
-    headers: HeaderMap,
+    tenant: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let config = state.config();
@@ -305,7 +308,7 @@ async fn run(
         &req.prompts,
         &req.params,
         prompt_at,
-        tenant(&state, &headers),
+        tenant,
         deadline,
     )
     .await?;
