@@ -7,7 +7,7 @@
 //! cargo bench -p gptj-bench --bench serving -- [--model builtin:small] [--precision q8_0]
 //!     [--configs continuous,static] [--requests 64] [--rate 4] [--prompt-tokens 128]
 //!     [--output-tokens 128] [--dataset FILE.jsonl] [--repeats 3] [--seed 0]
-//!     [--kv-cache-memory 1GiB] [--json out.json]
+//!     [--kv-cache-memory 1GiB] [--max-num-seqs 64] [--json out.json] [--bandwidth-only]
 //! ```
 //! Each repeat runs every setting once, in order (a fresh engine each time), with prompts
 //! from its own seed; the table shows the median over repeats.
@@ -72,6 +72,14 @@ fn parse_args() -> Result<Args, String> {
                 a.kv_cache_memory = gptj_server::cli::parse_byte_size(&value()?)?
             }
             "--json" => a.json = Some(value()?),
+            "--bandwidth-only" => {
+                let gbps = gptj_engine::bench::cpu_memory_bandwidth();
+                println!(
+                    "memory read bandwidth: {gbps:.1} GB/s ({} threads)",
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                );
+                std::process::exit(0);
+            }
             "--bench" => {}
             other => return Err(format!("unknown argument {other}")),
         }
@@ -157,14 +165,18 @@ fn main() {
         }
     }
     println!(
-        "\n`{:?}` {}, {} requests, Poisson {} req/s, prompt {:?}, output {:?}{}; median of {} repeat(s)\n",
+        "\n`{:?}` {}, {} requests, Poisson {} req/s, {}; median of {} repeat(s)\n",
         a.model,
         a.precision,
         a.requests,
         a.rate,
-        a.prompt_tokens,
-        a.output_tokens,
-        a.dataset.as_ref().map(|d| format!(", dataset {d}")).unwrap_or_default(),
+        match &a.dataset {
+            Some(d) => format!("prompts from {d}"),
+            None => format!(
+                "prompt {:?}, output {:?} tokens",
+                a.prompt_tokens, a.output_tokens
+            ),
+        },
         a.repeats
     );
     println!("| scheduler | output tok/s | req/s | e2e p50 (s) | e2e p99 (s) | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | errors |");
