@@ -861,3 +861,36 @@ async fn request_timeout_and_request_id() {
         2.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_one_query_run_concurrently() {
+    let s = Server::start(&[]).await;
+    let body = json!({"instances": ["One", "Two", "Three", "Four"], "parameters": {"max_new_tokens": 400, "min_new_tokens": 400}});
+    let c = s.client.clone();
+    let url = s.predict_url();
+    let request =
+        tokio::spawn(async move { c.post(url).json(&body).send().await.unwrap().status() });
+    // All four sequences are in the running batch together, not one after another.
+    let start = std::time::Instant::now();
+    let mut most = 0.0f64;
+    while !request.is_finished() && most < 4.0 {
+        most = most.max(s.metrics().await.sum("gptj_num_requests_running", &[]));
+        assert!(start.elapsed() < std::time::Duration::from_secs(30));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(most, 4.0);
+    // Going away cancels all four.
+    request.abort();
+    let start = std::time::Instant::now();
+    while s.metrics().await.sum(
+        "gptj_request_success_total",
+        &[("finished_reason", "cancelled")],
+    ) < 4.0
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "not cancelled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
