@@ -9,6 +9,7 @@ code and body that the route's protocol uses:
 | validation | 400 | 422 | 400 |
 | unauthorized | 401 | 401 | 401 |
 | model not found / no route | 404 | 404 | 404 |
+| method not allowed | 405 | 405 | 405 |
 | body too large | 413 | 413 | 413 |
 | overloaded (queue full) | 429 + Retry-After | 429 + Retry-After | 429 + Retry-After |
 | loading, draining, cancelled by shutdown | 503 | 503 | 503 |
@@ -58,6 +59,14 @@ pub enum ApiError {
         /// The request path.
         path: String,
     },
+    /// The route exists but not with this method.
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// The request method.
+        method: String,
+        /// The request path.
+        path: String,
+    },
     /// The model is still loading (or warming up).
     #[error("Model with name {0} is not ready.")]
     NotReady(String),
@@ -102,6 +111,7 @@ impl ApiError {
         match self {
             Self::Validation(_) => "validation",
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::NotReady(_) => "not_ready",
             Self::Draining => "draining",
             Self::Cancelled => "cancelled",
@@ -130,6 +140,7 @@ impl ApiError {
             }
             Self::Validation(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotReady(_) | Self::Draining | Self::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,

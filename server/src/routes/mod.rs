@@ -70,13 +70,11 @@ async fn not_found(req: Request) -> Response {
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    let mut r = ApiError::RouteNotFound {
+    ApiError::MethodNotAllowed {
         method: req.method().to_string(),
         path: req.uri().path().to_owned(),
     }
-    .into_response_for(auth::protocol_of(req.uri().path()));
-    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    r
+    .into_response_for(auth::protocol_of(req.uri().path()))
 }
 
 /// The request body as a JSON object, or the error: 413 past the body limit, 400/422 for
