@@ -7,7 +7,7 @@
 //! gpu_check [--fixtures engine/tests/fixtures/golden] [--device cuda:0] [--skip-bench]
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use gptj_engine::bench::{markdown_table, DecodeBench};
@@ -72,7 +72,7 @@ fn greedy(
     Ok((first, tokens[prompt.len()..].to_vec()))
 }
 
-fn golden(fixtures: &PathBuf, device: DeviceKind) -> Result<bool, String> {
+fn golden(fixtures: &Path, device: DeviceKind) -> Result<bool, String> {
     let mut ok = true;
     println!("| model | precision | worst logit error | bound | greedy ids | result |");
     println!("| --- | --- | ---: | ---: | --- | --- |");
@@ -131,7 +131,7 @@ fn golden(fixtures: &PathBuf, device: DeviceKind) -> Result<bool, String> {
 }
 
 /// Eight sequences in one ragged step (prefills and decodes mixed) give the same logits as alone.
-fn ragged(fixtures: &PathBuf, device: DeviceKind) -> Result<bool, String> {
+fn ragged(fixtures: &Path, device: DeviceKind) -> Result<bool, String> {
     let dir = fixtures.join("rot_partial");
     let opts = EngineOptions {
         precision: Precision::F32,

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod config;
 mod engine;
 pub mod error;
+mod gemv;
 pub mod hub;
 mod model;
 mod paged;

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::GptjConfig;
 use crate::error::{EngineError, Result};
+use crate::gemv;
 use crate::paged::{paged_attention, write_kv, KvPool, StepLayout};
 use crate::precision::Precision;
 use crate::weights::WeightSource;
@@ -83,6 +84,15 @@ impl Linear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
+            Self::Dense {
+                weight,
+                bias,
+                transposed,
+            } if !*transposed && x.device().is_cpu() && x.dim(0)? <= gemv::MAX_ROWS => {
+                // f32 and bf16 at small batch sizes: see `gemv` (f16 keeps candle's gemm, whose
+                // gemv on the transposed layout measured faster than ours).
+                (gemv::small_matmul(x, weight, false)?, bias)
+            }
             Self::Dense {
                 weight,
                 bias,
