@@ -894,3 +894,53 @@ async fn instances_of_one_query_run_concurrently() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_before_ready_while_loading() {
+    // The port opens before the model is loaded: liveness answers at once, readiness and
+    // generation answer 503 until the warm-up has run. (builtin:small takes about a second
+    // to build, which leaves time to look.)
+    let mut s = Server::spawn(&["--model", "builtin:small"], &[]);
+    let start = std::time::Instant::now();
+    let mut seen_loading = false;
+    loop {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{}",
+            s.log_text()
+        );
+        let live = s.client.get(s.url("/")).send().await;
+        let Ok(live) = live else {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            continue;
+        };
+        assert_eq!(live.status(), 200);
+        let (ready, body) = s.get(&format!("/v1/models/{MODEL}")).await;
+        if ready == 200 {
+            break;
+        }
+        assert_eq!(ready, 503, "{body}");
+        assert!(body.contains("is not ready"), "{body}");
+        if !seen_loading {
+            seen_loading = true;
+            let (st, v) = s
+                .post_json(
+                    &format!("/v1/models/{MODEL}:predict"),
+                    &json!({"instances": ["early"]}),
+                )
+                .await;
+            // The load may finish between the two requests.
+            assert!(
+                st == 503 && v["error_type"] == "not_ready" || st == 200,
+                "{st} {v}"
+            );
+            let m = s.metrics().await;
+            assert!(m.sum("gptj_server_ready", &[]) <= 1.0);
+        }
+    }
+    assert!(
+        seen_loading,
+        "readiness was never 503 before the model was loaded"
+    );
+    s.wait_ready().await;
+}

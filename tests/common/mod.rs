@@ -31,7 +31,8 @@ fn free_port() -> u16 {
 }
 
 impl Server {
-    /// Starts `gptj serve --model builtin:tiny` with `args` and waits until it is ready.
+    /// Starts `gptj serve --model builtin:tiny` (unless `args` name another `--model`) with
+    /// `args` and waits until it is ready.
     pub async fn start(args: &[&str]) -> Server {
         Self::start_with_env(args, &[]).await
     }
@@ -39,6 +40,13 @@ impl Server {
     /// Like [`Server::start`], with extra environment variables. If `env` sets `PORT`, no
     /// `--port` flag is passed.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut server = Self::spawn(args, env);
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts `gptj serve --model builtin:tiny` with `args` and `env` without waiting for it.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Server {
         let port = env
             .iter()
             .find(|(k, _)| *k == "PORT")
@@ -52,7 +60,10 @@ impl Server {
         let out = File::create(&log).expect("create the server log file");
         let err = out.try_clone().expect("clone the log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gptj"));
-        cmd.args(["serve", "--model", "builtin:tiny", "--host", "127.0.0.1"]);
+        cmd.args(["serve", "--host", "127.0.0.1"]);
+        if !args.contains(&"--model") {
+            cmd.args(["--model", "builtin:tiny"]);
+        }
         if !env.iter().any(|(k, _)| *k == "PORT") {
             cmd.args(["--port", &port.to_string()]);
         }
@@ -69,18 +80,17 @@ impl Server {
             .timeout(Duration::from_secs(120))
             .build()
             .expect("http client");
-        let mut server = Server {
+        Server {
             child,
             port,
             base: format!("http://127.0.0.1:{port}"),
             log,
             client,
-        };
-        server.wait_ready().await;
-        server
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until the readiness probe answers 200; panics if the process exits first.
+    pub async fn wait_ready(&mut self) {
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
