@@ -78,7 +78,7 @@ pub enum ApiError {
     #[error("the server shut down before the request finished")]
     Cancelled,
     /// The scheduler's queue is full.
-    #[error("the server is overloaded ({detail}); retry after {} s", retry_after.as_secs().max(1))]
+    #[error("overloaded: {detail}")]
     Overloaded {
         /// Suggested wait before retrying.
         retry_after: Duration,
