@@ -808,8 +808,17 @@ async fn metrics_count_what_was_served() {
         4.0
     );
     assert_eq!(m.sum("gptj_http_requests_in_flight", &[]), 0.0);
-    assert_eq!(m.sum("gptj_kv_cache_blocks_used", &[]), 0.0);
     assert!(m.0.contains("# HELP gptj_time_to_first_token_seconds"));
+    // The engine loop updates its gauges at the end of a step, just after the last tokens
+    // went out: give it a moment.
+    let start = std::time::Instant::now();
+    while s.metrics().await.sum("gptj_kv_cache_blocks_used", &[]) != 0.0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "KV blocks still held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(m.sum("gptj_kv_cache_blocks_total", &[]) > 0.0);
 }
 

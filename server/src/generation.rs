@@ -199,17 +199,35 @@ pub struct Prepared {
     pub per_prompt: usize,
 }
 
+/// What a route asks [`prepare`] to run.
+#[derive(Debug)]
+pub struct Submission<'a> {
+    /// The prompts.
+    pub prompts: &'a [String],
+    /// The request's parameters.
+    pub params: &'a RequestParams,
+    /// Names prompt `i` in messages (`instance 2`, `prompt 0`).
+    pub at: fn(usize) -> String,
+    /// The scheduler tenant.
+    pub tenant: Option<String>,
+    /// When the request must be done.
+    pub deadline: Instant,
+}
+
 /// Everything between parsing and generating: checks the sequence count, tokenizes,
-/// resolves each prompt's plan (errors name the prompt with `at`), and submits all jobs.
+/// resolves each prompt's plan (errors name the prompt), and submits all jobs.
 pub async fn prepare(
     config: &ServerConfig,
     backend: &Backend,
-    prompts: &[String],
-    params: &RequestParams,
-    at: fn(usize) -> String,
-    tenant: Option<String>,
-    deadline: Instant,
+    sub: Submission<'_>,
 ) -> Result<Prepared, ApiError> {
+    let Submission {
+        prompts,
+        params,
+        at,
+        tenant,
+        deadline,
+    } = sub;
     let per_prompt = config.defaults.num_return_sequences(params);
     let total = prompts.len() * per_prompt;
     if total > config.max_sequences_per_request {

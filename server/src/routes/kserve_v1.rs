@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 use super::{check_model, json_object, respond, tenant};
 use crate::auth::KeyIndex;
 use crate::error::{ApiError, Protocol};
-use crate::generation::{collect_all, prepare};
+use crate::generation::{collect_all, prepare, Submission};
 use crate::params::{describe, RequestParams, ValidationError};
 use crate::state::AppState;
 use crate::telemetry::RequestRecord;
@@ -195,11 +195,13 @@ async fn predict_inner(
     let prepared = prepare(
         config,
         &backend,
-        &req.instances,
-        &req.params,
-        instance_at,
-        tenant,
-        deadline,
+        Submission {
+            prompts: &req.instances,
+            params: &req.params,
+            at: instance_at,
+            tenant,
+            deadline,
+        },
     )
     .await?;
     let k = prepared.per_prompt;

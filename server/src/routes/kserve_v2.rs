@@ -30,7 +30,7 @@ use serde_json::{json, Map, Value};
 use super::{check_model, json_object, respond, tenant};
 use crate::auth::KeyIndex;
 use crate::error::{ApiError, Protocol};
-use crate::generation::{collect_all, prepare};
+use crate::generation::{collect_all, prepare, Submission};
 use crate::params::{describe, RequestParams, ValidationError};
 use crate::sse::{self, json_event, Shaper, StreamContext};
 use crate::state::AppState;
@@ -232,11 +232,13 @@ async fn run(
     let prepared = prepare(
         config,
         &backend,
-        &prompts,
-        &req.params,
-        prompt_at,
-        tenant,
-        deadline,
+        Submission {
+            prompts: &prompts,
+            params: &req.params,
+            at: prompt_at,
+            tenant,
+            deadline,
+        },
     )
     .await?;
     let [prompt] = prompts;

@@ -31,7 +31,7 @@ use serde_json::{json, Map, Value};
 use super::{check_model, json_object, respond, tenant};
 use crate::auth::KeyIndex;
 use crate::error::{ApiError, Protocol};
-use crate::generation::{collect_all, prepare};
+use crate::generation::{collect_all, prepare, Submission};
 use crate::params::{
     describe, read_bool, read_float, read_stop, read_string, read_uint, RequestParams,
     ValidationError, MAX_LENGTH_FIELD,
@@ -305,11 +305,13 @@ async fn run(
     let prepared = prepare(
         config,
         &backend,
-        &req.prompts,
-        &req.params,
-        prompt_at,
-        tenant,
-        deadline,
+        Submission {
+            prompts: &req.prompts,
+            params: &req.params,
+            at: prompt_at,
+            tenant,
+            deadline,
+        },
     )
     .await?;
     let id = format!("cmpl-{}", record.id);
