@@ -1,9 +1,9 @@
-//! A/B of the small-batch matmul (`gemv.rs`) against candle's gemm on GPT-J-6B-sized
+//! A/B of the streaming matmul (`gemv.rs`, used for bf16) against candle's gemm on GPT-J-6B-sized
 //! matrices (4096 x 4096), cycling through enough distinct weights (>= 1.5 GB) that none stays
 //! in the L3 cache. Reports the best of 3 passes. Run on a quiet machine:
 //! `cargo run --release -p gptj-engine --example gemv_ab`
 use candle_core::{DType, Device, Tensor};
-use gptj_engine::bench::small_matmul_for_bench as ours;
+use gptj_engine::bench::streaming_matmul_for_bench as ours;
 use std::time::Instant;
 
 fn best_of_3(
@@ -36,13 +36,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let gbps = |secs: f64| (k * n * dtype.size_in_bytes()) as f64 / secs / 1e9;
         for m in [1usize, 2, 4] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
-            let rows = best_of_3(count, |i| Ok(ours(&x, &ws[i], false)?))?;
-            let cols = best_of_3(count, |i| Ok(ours(&x, &wts[i], true)?))?;
+            let rows = best_of_3(count, |i| Ok(ours(&x, &ws[i])?))?;
             let strided = best_of_3(count, |i| Ok(x.matmul(&ws[i].t()?)?))?;
             let contig = best_of_3(count, |i| Ok(x.matmul(&wts[i])?))?;
             println!(
-                "{dtype:?} m={m}: ours (out,in) {:.1} GB/s | ours (in,out) {:.1} | candle w.t() {:.1} | candle contiguous (in,out) {:.1}",
-                gbps(rows), gbps(cols), gbps(strided), gbps(contig)
+                "{dtype:?} m={m}: ours {:.1} GB/s | candle w.t() {:.1} | candle contiguous (in,out) {:.1}",
+                gbps(rows), gbps(strided), gbps(contig)
             );
         }
     }

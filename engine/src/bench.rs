@@ -196,12 +196,11 @@ pub fn markdown_table(rows: &[DecodeRow], gbps: f64) -> String {
     out
 }
 
-/// The small-batch CPU matmul, exposed for `examples/gemv_ab.rs` (not a stable API).
+/// The streaming bf16 CPU matmul, exposed for `examples/gemv_ab.rs` (not a stable API).
 #[doc(hidden)]
-pub fn small_matmul_for_bench(
+pub fn streaming_matmul_for_bench(
     x: &candle_core::Tensor,
     w: &candle_core::Tensor,
-    transposed: bool,
 ) -> crate::Result<candle_core::Tensor> {
-    crate::gemv::small_matmul(x, w, transposed)
+    crate::gemv::streaming_matmul(x, w)
 }

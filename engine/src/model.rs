@@ -20,18 +20,28 @@ use crate::paged::{paged_attention, write_kv, KvPool, StepLayout};
 use crate::precision::Precision;
 use crate::weights::WeightSource;
 
-/// A linear layer `y = x W^T + b`, dense or with 8-bit quantized weights.
+/// A linear layer `y = x W^T + b`.
+///
+/// Every kernel here gives a row the same result whatever else is in the batch (measured
+/// with `examples/invariance.rs`: candle's CPU gemm is bitwise batch-invariant for two rows
+/// or more, only its one-row path differs, so one row is run as two), so a seeded request
+/// samples the same tokens whoever shares its steps.
 #[derive(Debug)]
 enum Linear {
-    /// `weight` is `(out, in)` as stored in the checkpoint, multiplied as `x @ weight.t()`,
-    /// except in f16 where it is kept transposed `(in, out)` and contiguous: candle's f16 gemm
-    /// is 2-3x faster with a contiguous right-hand side at batch > 1, while f32's is faster
-    /// with the strided one (measured, ../shared/research/model.md section 5).
-    Dense {
+    /// candle's gemm. `weight` is `(out, in)` as stored in the checkpoint, multiplied as
+    /// `x @ weight.t()`, or on CPU kept transposed `(in, out)` and contiguous (`transposed`)
+    /// where that is faster or needed for batch invariance (see `Linear::new`).
+    Gemm {
         weight: Tensor,
         bias: Option<Tensor>,
         transposed: bool,
     },
+    /// bf16 on CPU, where candle has no bf16 gemm: see `gemv::streaming_matmul`.
+    Streaming {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// 8-bit block-quantized weights (ggml Q8_0), f32 activations.
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
@@ -61,13 +71,22 @@ impl Linear {
             });
         }
         let weight = weight.to_dtype(act)?.to_device(device)?;
-        let transposed = act == DType::F16 && device.is_cpu();
+        if act == DType::BF16 && device.is_cpu() {
+            return Ok(Self::Streaming { weight, bias });
+        }
+        // Layouts measured (examples/layout_ab.rs, examples/invariance.rs): f16 is 2-3x faster
+        // with a contiguous (in, out) weight; f32 is 2-3x faster strided, and strided is
+        // batch-invariant only when the output has at least 256 columns, so smaller f32
+        // matrices (where speed does not matter) stay contiguous.
+        let out_dim = weight.dim(0)?;
+        let transposed =
+            device.is_cpu() && (act == DType::F16 || (act == DType::F32 && out_dim < 256));
         let weight = if transposed {
             weight.t()?.contiguous()?
         } else {
             weight
         };
-        Ok(Self::Dense {
+        Ok(Self::Gemm {
             weight,
             bias,
             transposed,
@@ -77,32 +96,36 @@ impl Linear {
     /// Bytes of weights one forward reads.
     fn weight_bytes(&self) -> usize {
         match self {
-            Self::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
+            Self::Gemm { weight, .. } | Self::Streaming { weight, .. } => {
+                weight.elem_count() * weight.dtype().size_in_bytes()
+            }
             Self::Quantized { bytes, .. } => *bytes,
         }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
-            Self::Dense {
+            Self::Gemm {
                 weight,
                 bias,
                 transposed,
-            } if !*transposed && x.device().is_cpu() && x.dim(0)? <= gemv::MAX_ROWS => {
-                // f32 and bf16 at small batch sizes: see `gemv` (f16 keeps candle's gemm, whose
-                // gemv on the transposed layout measured faster than ours).
-                (gemv::small_matmul(x, weight, false)?, bias)
+            } => {
+                // One row would take candle's gemv path, whose rounding differs from the
+                // gemm's: run it as two rows so a row's result never depends on the batch.
+                let one_row = x.device().is_cpu() && x.dim(0)? == 1;
+                let xs = if one_row {
+                    Tensor::cat(&[x, x], 0)?
+                } else {
+                    x.clone()
+                };
+                let y = if *transposed {
+                    xs.matmul(weight)?
+                } else {
+                    xs.matmul(&weight.t()?)?
+                };
+                (if one_row { y.narrow(0, 0, 1)? } else { y }, bias)
             }
-            Self::Dense {
-                weight,
-                bias,
-                transposed: true,
-            } => (x.matmul(weight)?, bias),
-            Self::Dense {
-                weight,
-                bias,
-                transposed: false,
-            } => (x.matmul(&weight.t()?)?, bias),
+            Self::Streaming { weight, bias } => (gemv::streaming_matmul(x, weight)?, bias),
             Self::Quantized { weight, bias, .. } => (weight.forward(x)?, bias),
         };
         Ok(match bias {

@@ -1,10 +1,11 @@
-//! Batch invariance: a sequence gets the same logits and greedy tokens whatever shares its
-//! step (ragged batches of 8+ rows at different positions, chunked prefills, scattered blocks).
+//! Batch invariance: a sequence gets bitwise the same logits, hence the same greedy or seeded
+//! sampled tokens, whatever shares its step (ragged batches of 8+ rows at different positions,
+//! chunked prefills, scattered blocks), in every precision on the CPU.
 
 mod common;
 
 use common::*;
-use gptj_engine::{BlockId, Precision, SeqChunk};
+use gptj_engine::{BlockId, Precision, Sampler, SamplingParams, SeqChunk};
 
 /// Prompts of assorted lengths: the fixture prompts plus derived ones.
 fn prompts() -> Vec<Vec<u32>> {
@@ -25,32 +26,69 @@ fn prompts() -> Vec<Vec<u32>> {
     prompts
 }
 
-#[test]
-fn ragged_batches_give_the_same_logits_and_tokens_as_running_alone() {
+/// How the next token is chosen in these tests.
+#[derive(Clone, Copy)]
+enum Choice {
+    Greedy,
+    /// Temperature 1, top-p 0.9, a per-sequence seed: exercises the seeded RNG.
+    Sampled,
+}
+
+fn sampler(i: usize, choice: Choice) -> Option<Sampler> {
+    match choice {
+        Choice::Greedy => None,
+        Choice::Sampled => {
+            let params = SamplingParams {
+                do_sample: true,
+                temperature: 1.0,
+                top_p: 0.9,
+                seed: 1000 + i as u64,
+                ..SamplingParams::default()
+            };
+            Some(Sampler::new(&params, 0, 512))
+        }
+    }
+}
+
+fn choose(logits: &[f32], tokens: &[u32], prompt_len: usize, sampler: &mut Option<Sampler>) -> u32 {
+    match sampler {
+        None => argmax(logits),
+        Some(s) => s.sample(logits, tokens, tokens.len() - prompt_len),
+    }
+}
+
+/// Runs every prompt alone, then all of them together (sequence i joins at step i, prefills
+/// in chunks of 7 next to the others' decode steps, block tables interleaved through the
+/// pool), and checks that each sequence's logits are bitwise identical and its tokens equal.
+fn check_batch_invariance(precision: Precision, choice: Choice) {
     const STEPS: usize = 12;
     const CHUNK: usize = 7;
     let prompts = prompts();
     assert!(prompts.len() >= 8);
-    let mut engine = load("rot_partial", Precision::F32);
+    let mut engine = load("rot_partial", precision);
 
-    // Alone: each sequence by itself, whole prompt at once, in low blocks.
-    let alone: Vec<(Vec<Vec<f32>>, Vec<u32>)> = prompts
-        .iter()
-        .map(|p| {
-            greedy_alone(
-                &mut engine,
-                p,
-                STEPS,
-                (0..(p.len() + STEPS).div_ceil(4) as u32)
-                    .map(BlockId)
-                    .collect(),
-            )
-        })
-        .collect();
+    let mut alone: Vec<(Vec<Vec<f32>>, Vec<u32>)> = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut seq = Seq::new(
+            p,
+            (0..(p.len() + STEPS).div_ceil(4) as u32)
+                .map(BlockId)
+                .collect(),
+        );
+        let mut s = sampler(i, choice);
+        let mut seen = Vec::new();
+        for _ in 0..STEPS {
+            let chunk = seq.chunk(usize::MAX);
+            let n = chunk.tokens.len();
+            let row = engine.forward(&[chunk]).unwrap().row(0).to_vec();
+            seq.computed += n;
+            let next = choose(&row, &seq.tokens, p.len(), &mut s);
+            seq.tokens.push(next);
+            seen.push(row);
+        }
+        alone.push((seen, seq.tokens[p.len()..].to_vec()));
+    }
 
-    // Together: sequences join one by one (sequence i starts at step i), prefill in chunks of
-    // CHUNK tokens next to other rows' decode steps, with block tables interleaved through the
-    // pool (sequence i owns blocks i, i + n, i + 2n, ...).
     let n = prompts.len() as u32;
     let mut seqs: Vec<Seq> = prompts
         .iter()
@@ -64,6 +102,7 @@ fn ragged_batches_give_the_same_logits_and_tokens_as_running_alone() {
             )
         })
         .collect();
+    let mut samplers: Vec<Option<Sampler>> = (0..seqs.len()).map(|i| sampler(i, choice)).collect();
     let mut logits_seen: Vec<Vec<Vec<f32>>> = vec![Vec::new(); seqs.len()];
     let mut max_rows = 0;
     for step in 0.. {
@@ -84,7 +123,8 @@ fn ragged_batches_give_the_same_logits_and_tokens_as_running_alone() {
             if want {
                 let row = logits.row(next).to_vec();
                 next += 1;
-                seqs[i].tokens.push(argmax(&row));
+                let token = choose(&row, &seqs[i].tokens, prompts[i].len(), &mut samplers[i]);
+                seqs[i].tokens.push(token);
                 logits_seen[i].push(row);
             }
         }
@@ -94,30 +134,41 @@ fn ragged_batches_give_the_same_logits_and_tokens_as_running_alone() {
         max_rows >= 8,
         "the test must batch at least 8 rows together, got {max_rows}"
     );
-    // The matmuls see a different number of rows alone and batched (and chunked prefill feeds
-    // them 7 rows where the lone run feeds the whole prompt), so the gemm's blocking and hence
-    // the f32 summation order differ, and the cached K/V carry those differences into later
-    // steps. Measured worst: 1.1e-6 of the largest logit (about 2e-5 absolute on logits of
-    // magnitude ~18, i.e. ~10 f32 ulps). We allow 2e-6 relative instead of an absolute 1e-5,
-    // which would test the gemm's summation order rather than our batching.
-    let mut worst = 0f32;
     for (i, (alone_logits, alone_tokens)) in alone.iter().enumerate() {
         assert_eq!(
             &seqs[i].tokens[prompts[i].len()..],
             &alone_tokens[..],
-            "sequence {i}: greedy tokens"
+            "{precision} sequence {i}: tokens"
         );
         assert_eq!(logits_seen[i].len(), STEPS);
         for (step, (a, b)) in alone_logits.iter().zip(&logits_seen[i]).enumerate() {
-            let err = rel_err(b, a);
-            worst = worst.max(err);
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(
-                err <= 2e-6,
-                "sequence {i} step {step}: logits differ by {err} of the largest"
+                same,
+                "{precision} sequence {i} step {step}: logits differ by {}",
+                max_abs_diff(a, b)
             );
         }
     }
-    eprintln!("worst relative logit difference, batched vs alone: {worst:e}");
+}
+
+#[test]
+fn ragged_batches_are_bitwise_identical_to_running_alone_f32() {
+    check_batch_invariance(Precision::F32, Choice::Greedy);
+}
+
+#[test]
+fn ragged_batches_are_bitwise_identical_to_running_alone_f16_bf16_q8_0() {
+    for precision in [Precision::F16, Precision::Bf16, Precision::Q8_0] {
+        check_batch_invariance(precision, Choice::Greedy);
+    }
+}
+
+#[test]
+fn a_seed_samples_the_same_tokens_whatever_shares_the_batch() {
+    for precision in [Precision::F32, Precision::Q8_0] {
+        check_batch_invariance(precision, Choice::Sampled);
+    }
 }
 
 /// Shared prefix blocks (as the prefix cache hands them out) are read by several rows at once.
@@ -161,4 +212,82 @@ fn rows_can_share_prefix_blocks() {
         let diff = max_abs_diff(logits.row(r), &alone[0]);
         assert!(diff <= 1e-5, "row {r}: {diff}");
     }
+}
+
+/// builtin:tiny has matrices wide enough (n_embd 128, vocab 50400) to take the strided f32
+/// gemm that the fixtures' 64-wide model does not reach.
+#[test]
+fn builtin_tiny_samples_the_same_tokens_alone_and_batched() {
+    use gptj_engine::{Engine, EngineOptions, ModelSpec};
+    const STEPS: usize = 6;
+    let opts = EngineOptions {
+        precision: Precision::F32,
+        kv_cache_memory: Some(16 << 20),
+        ..Default::default()
+    };
+    let mut engine = Engine::load(&"builtin:tiny".parse::<ModelSpec>().unwrap(), &opts).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..9u32)
+        .map(|s| {
+            (0..(2 + 3 * s))
+                .map(|i| (i * 7919 + s * 104729) % 50257)
+                .collect()
+        })
+        .collect();
+    let params = |i: usize| SamplingParams {
+        do_sample: true,
+        temperature: 1.0,
+        seed: 42 + i as u64,
+        ..SamplingParams::default()
+    };
+    let table =
+        |i: usize| -> Vec<BlockId> { (0..4u32).map(|b| BlockId(1 + i as u32 * 4 + b)).collect() };
+    let mut alone = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut sampler = Sampler::new(&params(i), 50256, 50257);
+        let mut tokens = p.clone();
+        let mut computed = 0;
+        for _ in 0..STEPS {
+            let t = table(i);
+            let logits = engine
+                .forward(&[SeqChunk {
+                    tokens: &tokens[computed..],
+                    start_pos: computed,
+                    block_table: &t,
+                    want_logits: true,
+                }])
+                .unwrap();
+            computed = tokens.len();
+            let next = sampler.sample(logits.row(0), &tokens, tokens.len() - p.len());
+            tokens.push(next);
+        }
+        alone.push(tokens);
+    }
+    // Together: all nine in every step.
+    let mut samplers: Vec<Sampler> = (0..prompts.len())
+        .map(|i| Sampler::new(&params(i), 50256, 50257))
+        .collect();
+    let mut tokens: Vec<Vec<u32>> = prompts.clone();
+    let mut computed = vec![0usize; prompts.len()];
+    let tables: Vec<Vec<BlockId>> = (0..prompts.len()).map(table).collect();
+    for _ in 0..STEPS {
+        let rows: Vec<SeqChunk<'_>> = (0..prompts.len())
+            .map(|i| SeqChunk {
+                tokens: &tokens[i][computed[i]..],
+                start_pos: computed[i],
+                block_table: &tables[i],
+                want_logits: true,
+            })
+            .collect();
+        let logits = engine.forward(&rows).unwrap();
+        for i in 0..prompts.len() {
+            computed[i] = tokens[i].len();
+            let next = samplers[i].sample(
+                logits.row(i),
+                &tokens[i],
+                tokens[i].len() - prompts[i].len(),
+            );
+            tokens[i].push(next);
+        }
+    }
+    assert_eq!(tokens, alone);
 }
