@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Re-takes the numbers in docs/benchmarks.md for the `small` GPT-J shape on this CPU.
 #   bench/run-docs-benchmarks.sh [OUT_DIR] [SECTIONS...]     (default bench-out/, all sections)
-# Sections: machine serving prefix hf-decode table table-f32
+# Sections: machine serving prefix prefix-alone hf-decode table table-f32
 # Run it on a quiet machine: every other busy process slows a 2-core run many times over.
 # Needs `cargo build --release` and the torch venv (scripts/hf-peer.sh makes it on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench-out}"
 shift || true
-SECTIONS="${*:-machine serving prefix hf-decode table table-f32}"
+SECTIONS="${*:-machine serving prefix prefix-alone hf-decode table table-f32}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)" # absolute: `cargo bench` runs in bench/
 GPTJ="${GPTJ_BIN:-target/release/gptj}"
@@ -84,6 +84,13 @@ for section in $SECTIONS; do
         cargo bench -p gptj-bench --bench serving -- --model builtin:small --precision q8_0 \
             --configs continuous,continuous-nocache --dataset "$PWD/bench/data/fewshot-sentiment.jsonl" \
             --requests 32 --rate 1 --repeats "$REPEATS" --json "$OUT/prefix.json" | tee "$OUT/prefix.txt"
+        ;;
+    prefix-alone)
+        # (c) The same prompts one at a time (closed loop, one client): TTFT without queueing.
+        log prefix-alone
+        cargo bench -p gptj-bench --bench serving -- --model builtin:small --precision q8_0 \
+            --configs continuous,continuous-nocache --dataset "$PWD/bench/data/fewshot-sentiment.jsonl" \
+            --requests 16 --concurrency 1 --repeats "$REPEATS" --json "$OUT/prefix-alone.json" | tee "$OUT/prefix-alone.txt"
         ;;
     hf-decode)
         log hf-decode

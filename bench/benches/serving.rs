@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench -p gptj-bench --bench serving -- [--model builtin:small] [--precision q8_0]
-//!     [--configs continuous,static] [--requests 64] [--rate 4] [--prompt-tokens 128]
+//!     [--configs continuous,static] [--requests 64] [--rate 4 | --concurrency C] [--prompt-tokens 128]
 //!     [--output-tokens 128] [--dataset FILE.jsonl] [--repeats 3] [--seed 0]
 //!     [--kv-cache-memory 1GiB] [--max-num-seqs 64] [--json out.json] [--bandwidth-only]
 //! ```
@@ -26,6 +26,7 @@ struct Args {
     configs: Vec<String>,
     requests: usize,
     rate: f64,
+    concurrency: Option<usize>,
     prompt_tokens: Length,
     output_tokens: Length,
     dataset: Option<String>,
@@ -43,6 +44,7 @@ fn parse_args() -> Result<Args, String> {
         configs: vec!["continuous".into(), "static".into()],
         requests: 64,
         rate: 4.0,
+        concurrency: None,
         prompt_tokens: Length::Fixed(128),
         output_tokens: Length::Fixed(128),
         dataset: None,
@@ -62,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
             "--configs" => a.configs = value()?.split(',').map(String::from).collect(),
             "--requests" => a.requests = num(value()?)?,
             "--rate" => a.rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
+            "--concurrency" => a.concurrency = Some(num(value()?)?),
             "--prompt-tokens" => a.prompt_tokens = value()?.parse()?,
             "--output-tokens" => a.output_tokens = value()?.parse()?,
             "--dataset" => a.dataset = Some(value()?),
@@ -132,7 +135,10 @@ fn main() {
             engine.warm_up().expect("warm up");
             let handle = gptj_scheduler::spawn(engine, config).expect("spawn");
             let target = Arc::new(InProcess::new(handle.clone()));
-            let arrivals = Arrivals::Poisson { rate: a.rate, seed };
+            let arrivals = match a.concurrency {
+                Some(concurrency) => Arrivals::Closed { concurrency },
+                None => Arrivals::Poisson { rate: a.rate, seed },
+            };
             let run = runtime.block_on(load::drive(
                 target,
                 work.clone(),
@@ -165,11 +171,14 @@ fn main() {
         }
     }
     println!(
-        "\n`{:?}` {}, {} requests, Poisson {} req/s, {}; median of {} repeat(s)\n",
+        "\n`{:?}` {}, {} requests, {}, {}; median of {} repeat(s)\n",
         a.model,
         a.precision,
         a.requests,
-        a.rate,
+        match a.concurrency {
+            Some(c) => format!("closed loop with {c} client(s)"),
+            None => format!("Poisson arrivals at {} req/s", a.rate),
+        },
         match &a.dataset {
             Some(d) => format!("prompts from {d}"),
             None => format!(
