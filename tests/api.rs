@@ -152,14 +152,20 @@ async fn lengths_count_the_prompt_and_sequences_multiply() {
         })
         .collect();
     assert_eq!(streamed, cut);
-    // Sequence j with seed s is sequence 0 with seed s + j (compared in a batch of the same
-    // shape: the engine's numerics may depend on the batch size).
+    // Sequence j with seed s is sequence 0 with seed s + j.
     let shifted = json!({"instances": ["Hello", "World"], "parameters": {"num_return_sequences": 3, "seed": 7, "max_new_tokens": 8, "return_full_text": false}});
     let (_, v2) = s
         .post_json(&format!("/v1/models/{MODEL}:predict"), &shifted)
         .await;
     assert_eq!(v2["predictions"][0][0], v1["predictions"][0][2]);
     assert_eq!(v2["predictions"][1][0], v1["predictions"][1][2]);
+    // The same seed alone gives the same text as inside a batch of six: the engine's numerics
+    // do not depend on what shares a step.
+    let alone = json!({"instances": ["Hello"], "parameters": {"seed": 7, "max_new_tokens": 8, "return_full_text": false}});
+    let (_, v3) = s
+        .post_json(&format!("/v1/models/{MODEL}:predict"), &alone)
+        .await;
+    assert_eq!(v3["predictions"][0], v1["predictions"][0][2]);
 }
 
 /// One bad request: where it goes, the body, the status, and words the message must hold.
