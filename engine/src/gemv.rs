@@ -8,10 +8,10 @@
 //! number of rows, so a row's result does not depend on what else is in the batch.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::simd::{self, Elem};
 
 /// `x @ w^T` for `x` `(m, k)` and `w` stored `(n, k)` (the checkpoint's `(out, in)` layout).
 pub(crate) fn streaming_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -22,167 +22,6 @@ struct StreamingMatmul;
 
 /// Widening chunk: 256 f32 (1 KiB) stays in L1 next to the accumulators.
 const CHUNK: usize = 256;
-
-trait Elem: Copy + Send + Sync + 'static {
-    /// `src` as f32: `src` itself for f32, else widened into `buf`.
-    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
-    fn narrow(v: f32) -> Self;
-}
-
-impl Elem for f32 {
-    fn as_f32<'a>(src: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
-        src
-    }
-    fn narrow(v: f32) -> Self {
-        v
-    }
-}
-
-impl Elem for f16 {
-    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
-        let buf = &mut buf[..src.len()];
-        simd::widen_f16(src, buf);
-        buf
-    }
-    fn narrow(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
-
-impl Elem for bf16 {
-    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
-        let buf = &mut buf[..src.len()];
-        simd::widen_bf16(src, buf);
-        buf
-    }
-    fn narrow(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
-/// Vector kernels: AVX2 + FMA + F16C when the CPU has them (checked once), portable otherwise.
-mod simd {
-    use half::{bf16, f16};
-    use std::sync::LazyLock;
-
-    #[cfg(target_arch = "x86_64")]
-    static AVX2: LazyLock<bool> = LazyLock::new(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    });
-    #[cfg(not(target_arch = "x86_64"))]
-    static AVX2: LazyLock<bool> = LazyLock::new(|| false);
-
-    pub(super) fn widen_f16(src: &[f16], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if *AVX2 {
-            // Safety: the CPU supports the features the function is compiled for.
-            return unsafe { x86::widen_f16(src, dst) };
-        }
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32();
-        }
-    }
-
-    pub(super) fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if *AVX2 {
-            // Safety: as above.
-            return unsafe { x86::widen_bf16(src, dst) };
-        }
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32();
-        }
-    }
-
-    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if *AVX2 {
-            // Safety: as above.
-            return unsafe { x86::dot(a, b) };
-        }
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use half::{bf16, f16};
-        use std::arch::x86_64::*;
-
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn widen_f16(src: &[f16], dst: &mut [f32]) {
-            let n = src.len().min(dst.len());
-            let mut i = 0;
-            while i + 8 <= n {
-                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-                i += 8;
-            }
-            for j in i..n {
-                dst[j] = src[j].to_f32();
-            }
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) unsafe fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
-            let n = src.len().min(dst.len());
-            let mut i = 0;
-            while i + 8 <= n {
-                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
-                i += 8;
-            }
-            for j in i..n {
-                dst[j] = src[j].to_f32();
-            }
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn hsum(v: __m256) -> f32 {
-            let lo = _mm256_castps256_ps128(v);
-            let hi = _mm256_extractf128_ps::<1>(v);
-            let s = _mm_add_ps(lo, hi);
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-            _mm_cvtss_f32(s)
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-            let n = a.len().min(b.len());
-            let (pa, pb) = (a.as_ptr(), b.as_ptr());
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut i = 0;
-            while i + 32 <= n {
-                for (l, a_l) in acc.iter_mut().enumerate() {
-                    let off = i + 8 * l;
-                    *a_l = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(pa.add(off)),
-                        _mm256_loadu_ps(pb.add(off)),
-                        *a_l,
-                    );
-                }
-                i += 32;
-            }
-            while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(pa.add(i)),
-                    _mm256_loadu_ps(pb.add(i)),
-                    acc[0],
-                );
-                i += 8;
-            }
-            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            let mut s = hsum(sum);
-            for j in i..n {
-                s += a[j] * b[j];
-            }
-            s
-        }
-    }
-}
 
 /// Splits `0..n` into `per_thread` ranges per pool thread, each at least `min` long.
 fn ranges(n: usize, per_thread: usize, min: usize) -> Vec<(usize, usize)> {

@@ -17,6 +17,7 @@ mod model;
 mod paged;
 pub mod precision;
 pub mod sampling;
+mod simd;
 pub mod tokenizer;
 mod weights;
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Shape, Tensor};
-use half::{bf16, f16};
+
+use crate::simd::{self, Elem};
 use rayon::prelude::*;
 
 use crate::batch::SeqChunk;
@@ -236,41 +237,6 @@ struct PagedAttention {
     scale: f32,
 }
 
-/// Element types the cache can hold, read as f32 for the arithmetic.
-trait CacheElem: Copy + Send + Sync + 'static {
-    fn widen(src: &[Self], dst: &mut [f32]);
-    fn narrow(v: f32) -> Self;
-}
-
-impl CacheElem for f32 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    fn narrow(v: f32) -> Self {
-        v
-    }
-}
-
-impl CacheElem for f16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
-
-impl CacheElem for bf16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -289,7 +255,7 @@ fn cache_dims(layout: &Layout) -> candle_core::Result<(usize, usize, usize)> {
 }
 
 impl WriteKv {
-    fn write<T: CacheElem>(
+    fn write<T: Elem>(
         &self,
         cache: &mut [T],
         cache_l: &Layout,
@@ -370,7 +336,7 @@ impl InplaceOp3 for WriteKv {
 }
 
 impl PagedAttention {
-    fn attend<T: CacheElem>(
+    fn attend<T: Elem>(
         &self,
         q: &[T],
         q_l: &Layout,
@@ -400,9 +366,9 @@ impl PagedAttention {
                     vec![0f32; dim],
                 )
             },
-            |(scores, qf, row, acc), (i, out)| {
+            |(scores, qbuf, row, acc), (i, out)| {
                 let (t, h) = (i / heads, i % heads);
-                T::widen(&q[i * dim..(i + 1) * dim], qf);
+                let qf = T::as_f32(&q[i * dim..(i + 1) * dim], qbuf);
                 let table = self.step.table_of(t);
                 let ctx = self.step.positions[t] as usize + 1;
                 let offset_of = |pos: usize| {
@@ -413,8 +379,7 @@ impl PagedAttention {
                 let mut max = f32::NEG_INFINITY;
                 for pos in 0..ctx {
                     let off = offset_of(pos);
-                    T::widen(&k_half[off..off + dim], row);
-                    let s = dot(qf, row) * self.scale;
+                    let s = simd::dot(qf, T::as_f32(&k_half[off..off + dim], row)) * self.scale;
                     max = max.max(s);
                     scores.push(s);
                 }
@@ -426,11 +391,7 @@ impl PagedAttention {
                 acc.fill(0.0);
                 for (pos, &p) in scores.iter().enumerate() {
                     let off = offset_of(pos);
-                    T::widen(&v_half[off..off + dim], row);
-                    let w = p / sum;
-                    for (a, &x) in acc.iter_mut().zip(row.iter()) {
-                        *a += w * x;
-                    }
+                    simd::axpy(p / sum, T::as_f32(&v_half[off..off + dim], row), acc);
                 }
                 for (o, &a) in out.iter_mut().zip(acc.iter()) {
                     *o = T::narrow(a);
@@ -439,23 +400,6 @@ impl PagedAttention {
         );
         Ok(out)
     }
-}
-
-/// Dot product with independent accumulators, so the compiler can vectorise it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let chunks = a.len() / LANES;
-    for c in 0..chunks {
-        for l in 0..LANES {
-            acc[l] += a[c * LANES + l] * b[c * LANES + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * LANES..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
 }
 
 impl CustomOp2 for PagedAttention {
@@ -519,7 +463,7 @@ mod tests {
             for h in 0..heads {
                 let qv = &q[t * width + h * dim..][..dim];
                 let scores: Vec<f32> = (0..ctx)
-                    .map(|p| dot(qv, &k[p * width + h * dim..][..dim]) * scale)
+                    .map(|p| simd::dot(qv, &k[p * width + h * dim..][..dim]) * scale)
                     .collect();
                 let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
