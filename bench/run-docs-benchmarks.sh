@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Re-takes the numbers in docs/benchmarks.md for the `small` GPT-J shape on this CPU.
 #   bench/run-docs-benchmarks.sh [OUT_DIR] [SECTIONS...]     (default bench-out/, all sections)
-# Sections: machine serving prefix prefix-alone hf-decode table table-f32
+# Sections: machine serving mixed prefix prefix-alone hf-decode table table-f32
 # Run it on a quiet machine: every other busy process slows a 2-core run many times over.
 # Needs `cargo build --release` and the torch venv (scripts/hf-peer.sh makes it on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench-out}"
 shift || true
-SECTIONS="${*:-machine serving prefix prefix-alone hf-decode table table-f32}"
+SECTIONS="${*:-machine serving mixed prefix prefix-alone hf-decode table table-f32}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)" # absolute: `cargo bench` runs in bench/
 GPTJ="${GPTJ_BIN:-target/release/gptj}"
@@ -76,6 +76,14 @@ for section in $SECTIONS; do
                 hf_server "hf-sequential-$r" "$r" 1
             fi
         done
+        ;;
+    mixed)
+        # Continuous vs static batching where they differ most: output lengths spread over
+        # 16..256 tokens, so a static batch holds its slots until its longest member ends.
+        log mixed
+        cargo bench -p gptj-bench --bench serving -- --model builtin:small --precision f32 \
+            --configs continuous,static --requests 64 --rate 2 --prompt-tokens 128 \
+            --output-tokens 16..256 --repeats "$REPEATS" --json "$OUT/mixed.json" | tee "$OUT/mixed.txt"
         ;;
     prefix)
         # (c) TTFT of a repeated few-shot prompt (~380 tokens, ~370 shared), with and without
