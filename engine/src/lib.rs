@@ -6,6 +6,8 @@
 //! per-sequence sampling. It knows nothing about HTTP or scheduling policy: the scheduler
 //! decides which rows go into a step and which KV blocks each row owns.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod batch;
 pub mod bench;
 pub mod config;
@@ -14,6 +16,7 @@ pub mod error;
 mod gemv;
 pub mod hub;
 mod model;
+mod packed;
 mod paged;
 pub mod precision;
 pub mod sampling;

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use crate::config::GptjConfig;
 use crate::error::{EngineError, Result};
 use crate::gemv;
+use crate::packed::{self, PackedKind, PackedLinear};
 use crate::paged::{paged_attention, write_kv, KvPool, StepLayout};
 use crate::precision::Precision;
 use crate::weights::WeightSource;
@@ -41,6 +42,9 @@ enum Linear {
         weight: Tensor,
         bias: Option<Tensor>,
     },
+    /// Weights repacked for the AVX-512 kernels (`packed.rs`): every precision on CPUs that
+    /// have them.
+    Packed(PackedLinear),
     /// 8-bit block-quantized weights (ggml Q8_0), f32 activations.
     Quantized {
         weight: QMatMul,
@@ -61,6 +65,23 @@ impl Linear {
             .map(|b| b.to_dtype(act).and_then(|b| b.to_device(device)))
             .transpose()?;
         let in_dim = weight.dim(1)?;
+        if device.is_cpu() && packed::available() {
+            let kind = match (precision, act) {
+                (Precision::Q8_0, _) if in_dim % packed::QBLOCK == 0 => Some(PackedKind::Q8_0),
+                (Precision::Q8_0, _) => None,
+                (_, DType::F32) => Some(PackedKind::F32),
+                (_, DType::F16) => Some(PackedKind::F16),
+                (_, DType::BF16) => Some(PackedKind::Bf16),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                return Ok(Self::Packed(PackedLinear::new(
+                    &weight,
+                    bias.as_ref(),
+                    kind,
+                )?));
+            }
+        }
         if precision == Precision::Q8_0 && in_dim % GgmlDType::Q8_0.block_size() == 0 {
             let q = QTensor::quantize_onto(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0, device)?;
             let bytes = q.storage_size_in_bytes();
@@ -99,7 +120,24 @@ impl Linear {
             Self::Gemm { weight, .. } | Self::Streaming { weight, .. } => {
                 weight.elem_count() * weight.dtype().size_in_bytes()
             }
+            Self::Packed(p) => p.weight_bytes(),
             Self::Quantized { bytes, .. } => *bytes,
+        }
+    }
+
+    /// This layer followed by GPT-J's `gelu_new` (fused into the packed kernels).
+    fn with_gelu(self) -> Self {
+        match self {
+            Self::Packed(p) => Self::Packed(p.with_gelu()),
+            other => other,
+        }
+    }
+
+    /// `gelu_new(forward(x))`.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Packed(p) => p.forward(x),
+            _ => Ok(self.forward(x)?.gelu()?),
         }
     }
 
@@ -126,6 +164,8 @@ impl Linear {
                 (if one_row { y.narrow(0, 0, 1)? } else { y }, bias)
             }
             Self::Streaming { weight, bias } => (gemv::streaming_matmul(x, weight)?, bias),
+            // The bias is added inside the kernel.
+            Self::Packed(p) => return p.forward(x),
             Self::Quantized { weight, bias, .. } => (weight.forward(x)?, bias),
         };
         Ok(match bias {
@@ -222,7 +262,7 @@ impl GptjModel {
                 ln_1: ln(&format!("{p}.ln_1"))?,
                 qkv: Linear::new(Tensor::cat(&qkv, 0)?, None, precision, act, device)?,
                 out_proj: linear(&format!("{p}.attn.out_proj"), e, e, false)?,
-                fc_in: linear(&format!("{p}.mlp.fc_in"), i, e, true)?,
+                fc_in: linear(&format!("{p}.mlp.fc_in"), i, e, true)?.with_gelu(),
                 fc_out: linear(&format!("{p}.mlp.fc_out"), e, i, true)?,
             });
         }
@@ -345,7 +385,7 @@ impl GptjModel {
             write_kv(cache, &k, &v, step)?;
             let attn = paged_attention(&q, cache, step, scale)?.reshape((n, e))?;
             let a = block.out_proj.forward(&attn)?;
-            let m = block.fc_out.forward(&block.fc_in.forward(&h)?.gelu()?)?;
+            let m = block.fc_out.forward(&block.fc_in.forward_gelu(&h)?)?;
             x = ((x + a)? + m)?;
         }
         let rows = Tensor::from_slice(logit_rows, logit_rows.len(), &self.device)?;

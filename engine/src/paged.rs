@@ -355,6 +355,12 @@ impl PagedAttention {
             );
         }
         let (k_half, v_half) = cache.split_at(slots * width);
+        #[cfg(target_arch = "x86_64")]
+        if crate::packed::available() {
+            if let Some(out) = self.attend_avx512(q, k_half, v_half, heads, dim) {
+                return Ok(out);
+            }
+        }
         let block_size = self.step.block_size;
         let mut out = vec![T::narrow(0.0); n * width];
         out.par_chunks_mut(dim).enumerate().for_each_init(
@@ -399,6 +405,87 @@ impl PagedAttention {
             },
         );
         Ok(out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PagedAttention {
+    /// The AVX-512 path, on candle's thread pool: `None` for head sizes it has no kernel for.
+    fn attend_avx512<T: Elem>(
+        &self,
+        q: &[T],
+        k_half: &[T],
+        v_half: &[T],
+        heads: usize,
+        dim: usize,
+    ) -> Option<Vec<T>> {
+        use crate::avx512::attend_head;
+        use crate::avx512::HeadView;
+        type Kernel<T> =
+            unsafe fn(&[f32], &[T], &[T], usize, &HeadView<'_>, f32, &mut Vec<f32>, &mut [f32]);
+        let kernel: Kernel<T> = match dim {
+            16 => attend_head::<1, T>,
+            32 => attend_head::<2, T>,
+            64 => attend_head::<4, T>,
+            128 => attend_head::<8, T>,
+            256 => attend_head::<16, T>,
+            _ => return None,
+        };
+        let width = heads * dim;
+        let items = self.step.num_tokens() * heads;
+        let block_size = self.step.block_size;
+        let mut out = vec![T::narrow(0.0); items * dim];
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+            let (mut scores, mut qbuf, mut res) = (Vec::new(), vec![0f32; dim], vec![0f32; dim]);
+            for i in range {
+                let (t, h) = (i / heads, i % heads);
+                let qf = T::as_f32(&q[i * dim..(i + 1) * dim], &mut qbuf);
+                let table = self.step.table_of(t);
+                let ctx = self.step.positions[t] as usize + 1;
+                let at = HeadView {
+                    table,
+                    block_size,
+                    width,
+                    head: h * dim,
+                };
+                // Safety: `available()` held; the step layout was checked against the pool's
+                // geometry when built, so every slot is inside the cache halves.
+                unsafe {
+                    kernel(
+                        qf,
+                        k_half,
+                        v_half,
+                        ctx,
+                        &at,
+                        self.scale,
+                        &mut scores,
+                        &mut res,
+                    );
+                }
+                // Safety: item `i` owns `out[i * dim..(i + 1) * dim]`; the buffer outlives
+                // the pool call.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * dim), dim) };
+                for (o, &r) in dst.iter_mut().zip(&res) {
+                    *o = T::narrow(r);
+                }
+            }
+        });
+        Some(out)
+    }
+}
+
+/// The attention output, shared by the pool's threads, which write disjoint heads.
+struct SharedOut<T>(*mut T);
+// Safety: see `attend_avx512`: disjoint writes into a buffer that outlives them.
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// # Safety
+    /// `offset` is inside the buffer.
+    unsafe fn at(&self, offset: usize) -> *mut T {
+        self.0.add(offset)
     }
 }
 

@@ -4,8 +4,16 @@
 
 use half::{bf16, f16};
 
+/// Loading 16 values as f32 for the AVX-512 kernels (nothing elsewhere).
+#[cfg(target_arch = "x86_64")]
+pub(crate) use crate::avx512::Widen16 as Lanes16;
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait Lanes16 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> Lanes16 for T {}
+
 /// Float types that are stored narrow and computed in f32.
-pub(crate) trait Elem: Copy + Send + Sync + 'static {
+pub(crate) trait Elem: Copy + Send + Sync + 'static + Lanes16 {
     /// `src` as f32: `src` itself for f32, else widened into `buf`.
     fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
     fn narrow(v: f32) -> Self;

@@ -1,0 +1,346 @@
+//! The AVX-512 kernels behind `packed.rs` (products, GELU, q8_0 quantization) and the CPU
+//! paged attention: the unsafe, instruction-level half, kept apart from the safe code that
+//! packs weights and splits work. Callers check `packed::available()` first.
+//!
+//! Every kernel computes each output with one fixed sequence of operations whatever the batch
+//! or the tile around it, which is what makes a row's results bitwise batch-invariant.
+
+use crate::packed::{LANES, QBLOCK};
+use half::{bf16, f16};
+use std::arch::x86_64::*;
+
+/// Where a tile's accumulators start.
+#[derive(Clone, Copy)]
+pub(crate) enum Start {
+    Zero,
+    /// 16 * C biases for the tile's columns.
+    Bias(*const f32),
+    /// The partial sums already in the output.
+    Out,
+}
+
+pub(crate) struct FloatTile<T> {
+    pub x: *const f32,
+    pub x_stride: usize,
+    pub w: *const T,
+    /// Elements between the panels of consecutive column groups.
+    pub w_stride: usize,
+    pub len: usize,
+    pub out: *mut f32,
+    pub out_stride: usize,
+    pub bias: Start,
+}
+
+/// A weight element type the float kernel widens to f32, 16 at a time.
+pub(crate) trait Widen16: Copy {
+    /// # Safety
+    /// `p` points at 16 readable elements; the CPU has AVX-512F.
+    unsafe fn load16(p: *const Self) -> __m512;
+}
+
+impl Widen16 for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+}
+
+impl Widen16 for f16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+}
+
+impl Widen16 for bf16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
+#[inline(always)]
+unsafe fn start_acc<const R: usize, const C: usize>(
+    start: Start,
+    out: *mut f32,
+    out_stride: usize,
+) -> [[__m512; C]; R] {
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (c, a) in row.iter_mut().enumerate() {
+            *a = match start {
+                Start::Zero => _mm512_setzero_ps(),
+                Start::Bias(b) => _mm512_loadu_ps(b.add(c * LANES)),
+                Start::Out => _mm512_loadu_ps(out.add(r * out_stride + c * LANES)),
+            };
+        }
+    }
+    acc
+}
+
+#[inline(always)]
+unsafe fn store_acc<const R: usize, const C: usize>(
+    acc: &[[__m512; C]; R],
+    out: *mut f32,
+    out_stride: usize,
+) {
+    for (r, row) in acc.iter().enumerate() {
+        for (c, a) in row.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * out_stride + c * LANES), *a);
+        }
+    }
+}
+
+/// `R` rows times `C * 16` columns over `len` inputs: per input, `C` weight loads, `R`
+/// broadcasts and `R * C` multiply-adds.
+///
+/// # Safety
+/// The pointers cover the tile; the CPU has AVX-512F and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub(crate) unsafe fn float_tile<const R: usize, const C: usize, T: Widen16>(t: FloatTile<T>) {
+    let mut acc = start_acc::<R, C>(t.bias, t.out, t.out_stride);
+    for k in 0..t.len {
+        let mut w = [_mm512_setzero_ps(); C];
+        for (c, wc) in w.iter_mut().enumerate() {
+            *wc = T::load16(t.w.add(c * t.w_stride + k * LANES));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xv = _mm512_set1_ps(*t.x.add(r * t.x_stride + k));
+            for (c, a) in row.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(w[c], xv, *a);
+            }
+        }
+    }
+    store_acc(&acc, t.out, t.out_stride);
+}
+
+/// e^x in 16 lanes (relative error about 1e-7): `2^n * p(f)` with `x = n ln2 + f`,
+/// `|f| <= ln2 / 2`, `p` the degree-7 Taylor polynomial. Inputs are clamped to
+/// [-104, 89], beyond which f32 underflows to 0 or overflows to infinity anyway.
+#[inline(always)]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-104.0)),
+        _mm512_set1_ps(89.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), f);
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [720.0, 120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0 / c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// GPT-J's `gelu_new`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, in place, as
+/// `x / (1 + e^(-2u))` (the same function; no cancellation for negative `x`).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn gelu_new(v: &mut [f32]) {
+    let k = (2.0 / std::f64::consts::PI).sqrt() as f32;
+    let mut chunks = v.chunks_exact_mut(16);
+    for c in &mut chunks {
+        let x = _mm512_loadu_ps(c.as_ptr());
+        let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+        let u = _mm512_mul_ps(
+            _mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715), x),
+            _mm512_set1_ps(k),
+        );
+        let e = exp16(_mm512_mul_ps(u, _mm512_set1_ps(-2.0)));
+        let y = _mm512_div_ps(x, _mm512_add_ps(e, _mm512_set1_ps(1.0)));
+        _mm512_storeu_ps(c.as_mut_ptr(), y);
+    }
+    for x in chunks.into_remainder() {
+        let u = k * (*x + 0.044715 * *x * *x * *x);
+        *x /= 1.0 + (-2.0 * u).exp();
+    }
+}
+
+/// Quantizes whole blocks of 32 to q8_0: scale `amax / 127`, quants rounded to nearest
+/// (even), and each block's `-128 * sum(quants)`.
+///
+/// # Safety
+/// The CPU has AVX-512F; `quants` is as long as `x`, `scales` and `offsets` have one
+/// entry per block.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn quantize_blocks(
+    x: &[f32],
+    quants: &mut [i8],
+    scales: &mut [f32],
+    offsets: &mut [i32],
+) {
+    for ((src, dst), (d_out, o_out)) in x
+        .chunks_exact(QBLOCK)
+        .zip(quants.chunks_exact_mut(QBLOCK))
+        .zip(scales.iter_mut().zip(offsets.iter_mut()))
+    {
+        let a = _mm512_loadu_ps(src.as_ptr());
+        let b = _mm512_loadu_ps(src.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        let d = amax / 127.0;
+        let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
+        let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+        _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128(
+            dst.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtsepi32_epi8(qb),
+        );
+        *d_out = d;
+        *o_out = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    }
+}
+
+pub(crate) struct Q8Tile {
+    pub xq: *const i8,
+    pub x_scales: *const f32,
+    pub x_offsets: *const i32,
+    /// Between rows, in quants and in blocks.
+    pub x_stride: usize,
+    pub x_block_stride: usize,
+    pub wq: *const u8,
+    pub w_scales: *const f16,
+    /// Blocks in one column group's panel.
+    pub w_group_blocks: usize,
+    pub blocks: usize,
+    pub out: *mut f32,
+    pub out_stride: usize,
+    pub bias: Start,
+}
+
+/// `R` rows times `C * 16` columns of q8_0 over `blocks` blocks: per block, exact integer
+/// sums by `vpdpbusd`, then one scaled multiply-add into the f32 accumulators.
+///
+/// # Safety
+/// The pointers cover the tile; the CPU has AVX-512F/BW/VL/VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+pub(crate) unsafe fn q8_tile<const R: usize, const C: usize>(t: Q8Tile) {
+    let mut acc = start_acc::<R, C>(t.bias, t.out, t.out_stride);
+    let panel = t.w_group_blocks * QBLOCK * LANES;
+    for b in 0..t.blocks {
+        let mut sums = [[_mm512_setzero_si512(); C]; R];
+        for (r, row) in sums.iter_mut().enumerate() {
+            let start = _mm512_set1_epi32(*t.x_offsets.add(r * t.x_block_stride + b));
+            *row = [start; C];
+        }
+        let wb = t.wq.add(b * QBLOCK * LANES);
+        let xb = t.xq.add(b * QBLOCK);
+        for quad in 0..QBLOCK / 4 {
+            let mut w = [_mm512_setzero_si512(); C];
+            for (c, wc) in w.iter_mut().enumerate() {
+                *wc = _mm512_loadu_si512(wb.add(c * panel + quad * 4 * LANES) as *const _);
+            }
+            for (r, row) in sums.iter_mut().enumerate() {
+                let four = (xb.add(r * t.x_stride + quad * 4) as *const i32).read_unaligned();
+                let xv = _mm512_set1_epi32(four);
+                for (c, s) in row.iter_mut().enumerate() {
+                    *s = _mm512_dpbusd_epi32(*s, w[c], xv);
+                }
+            }
+        }
+        let mut ws = [_mm512_setzero_ps(); C];
+        for (c, wsc) in ws.iter_mut().enumerate() {
+            let p = t.w_scales.add(c * t.w_group_blocks * LANES + b * LANES);
+            *wsc = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let dx = _mm512_set1_ps(*t.x_scales.add(r * t.x_block_stride + b));
+            for (c, a) in row.iter_mut().enumerate() {
+                let scale = _mm512_mul_ps(ws[c], dx);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][c]), scale, *a);
+            }
+        }
+    }
+    store_acc(&acc, t.out, t.out_stride);
+}
+
+/// Where one head of one sequence lives in a paged cache half.
+pub(crate) struct HeadView<'a> {
+    /// The sequence's block table.
+    pub table: &'a [u32],
+    pub block_size: usize,
+    /// Elements per cache slot: heads * head size.
+    pub width: usize,
+    /// The head's first element within a slot.
+    pub head: usize,
+}
+
+impl HeadView<'_> {
+    /// Element offset of position `pos`'s vector.
+    #[inline(always)]
+    fn offset(&self, pos: usize) -> usize {
+        let slot =
+            self.table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
+        slot * self.width + self.head
+    }
+}
+
+/// One query head against its context: `out = softmax(scale * q . k_p) . v_p` over positions
+/// `p < ctx`, read through `at` (the paged cache). Scores, max and softmax are f32; `CH` is the head size in 16s.
+///
+/// # Safety
+/// The CPU has AVX-512F and F16C; `q` and `out` hold `16 * CH` values; `offset_of(p) + 16 *
+/// CH` is within `k` and `v` for every `p < ctx`, at `at`'s offsets.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attend_head<const CH: usize, T: Widen16>(
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    ctx: usize,
+    at: &HeadView<'_>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let mut qv = [_mm512_setzero_ps(); CH];
+    for (j, qj) in qv.iter_mut().enumerate() {
+        *qj = _mm512_loadu_ps(q.as_ptr().add(16 * j));
+    }
+    scores.clear();
+    scores.reserve(ctx);
+    let mut max = f32::NEG_INFINITY;
+    for pos in 0..ctx {
+        let kp = k.as_ptr().add(at.offset(pos));
+        let mut acc = _mm512_mul_ps(qv[0], T::load16(kp));
+        for (j, qj) in qv.iter().enumerate().skip(1) {
+            acc = _mm512_fmadd_ps(*qj, T::load16(kp.add(16 * j)), acc);
+        }
+        let s = _mm512_reduce_add_ps(acc) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let maxv = _mm512_set1_ps(max);
+    let mut sumv = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < ctx {
+        let mask: __mmask16 = if ctx - i >= 16 {
+            0xffff
+        } else {
+            (1u16 << (ctx - i)) - 1
+        };
+        let p = scores.as_mut_ptr().add(i);
+        let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p), maxv));
+        _mm512_mask_storeu_ps(p, mask, e);
+        sumv = _mm512_mask_add_ps(sumv, mask, sumv, e);
+        i += 16;
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sumv));
+    let mut acc = [_mm512_setzero_ps(); CH];
+    for (pos, &p) in scores.iter().enumerate() {
+        let vp = v.as_ptr().add(at.offset(pos));
+        let pv = _mm512_set1_ps(p);
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(pv, T::load16(vp.add(16 * j)), *a);
+        }
+    }
+    for (j, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), _mm512_mul_ps(*a, inv));
+    }
+}

@@ -1,0 +1,639 @@
+//! Linear layers for the CPU with weights repacked at load time for AVX-512 kernels.
+//!
+//! candle's CPU matmuls leave most of a modern x86 core idle on GPT-J's shapes: its gemm runs
+//! AVX2 only, its one-row path rounds differently from its many-row path (batch invariance
+//! then costs a duplicated row), and its q8_0 product is a dot product per output that
+//! re-reads every weight block once per row of the batch. Here each weight is repacked once,
+//! when the model loads, into panels of 16 output columns, so that one 512-bit register holds
+//! the same input position of 16 outputs:
+//!
+//! - float weights (f32, f16 or bf16) as `[column group][k][16]`: the kernel broadcasts one
+//!   input value and does one fused multiply-add into 16 outputs, the classic register-tiled
+//!   gemm, with no horizontal sums;
+//! - q8_0 weights as `[column group][block of 32][8 quads][16 columns][4 bytes]`, offset by
+//!   128 to unsigned bytes, with one f16 scale per block and column: the kernel quantizes the
+//!   input rows to q8_0, and one `vpdpbusd` multiplies 4 input bytes into 16 outputs' exact
+//!   32-bit block sums (the offset is cancelled by starting each sum at `-128 * sum(x)`).
+//!
+//! Batch invariance comes from the layout rather than from luck: every output is one
+//! accumulator that sees its terms in input order (f32) or block order (q8_0), whatever tile
+//! its row falls into, so a row's result is bitwise the same alone or in any batch. Threads
+//! split the column groups, so at batch 1 each streams its own half of the weight.
+//!
+//! Used only where the CPU has AVX-512 (F, BW, VL, VNNI) and F16C; elsewhere `model.rs`
+//! keeps candle's kernels. `GPTJ_CPU_KERNELS=candle` forces those too, for A/B comparisons.
+
+use std::sync::LazyLock;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+#[cfg(target_arch = "x86_64")]
+use crate::avx512;
+use crate::error::Result;
+
+/// Output columns per panel: one 512-bit register of f32.
+pub(crate) const LANES: usize = 16;
+/// q8_0 block length (ggml's).
+pub(crate) const QBLOCK: usize = 32;
+/// Input positions handled per pass over a tile of outputs, so that the weight panel slice
+/// and the input rows it meets stay in L2 for large inputs. A multiple of `QBLOCK`.
+const KC: usize = 1024;
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// Whether the packed kernels can run here (checked once).
+pub(crate) fn available() -> bool {
+    static OK: LazyLock<bool> = LazyLock::new(|| {
+        let forced_off = std::env::var("GPTJ_CPU_KERNELS").is_ok_and(|v| v == "candle");
+        !forced_off && cpu_supports()
+    });
+    *OK
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_supports() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_supports() -> bool {
+    false
+}
+
+/// The repacked weight.
+enum Panels {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+    /// Quants offset to `u8` and one scale per (column, block).
+    Q8 {
+        quants: Vec<u8>,
+        scales: Vec<f16>,
+    },
+}
+
+/// `y = x W^T + b` with `W` repacked for the AVX-512 kernels. Inputs and outputs are
+/// `(rows, in)` and `(rows, out)` tensors in the activation dtype; the arithmetic is f32.
+pub(crate) struct PackedLinear {
+    out_dim: usize,
+    in_dim: usize,
+    groups: usize,
+    panels: Panels,
+    /// Padded to `groups * LANES`.
+    bias: Option<Vec<f32>>,
+    /// Apply GPT-J's `gelu_new` to the outputs (fc_in), while they are still in cache.
+    gelu: bool,
+}
+
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedLinear")
+            .field("out_dim", &self.out_dim)
+            .field("in_dim", &self.in_dim)
+            .field("dtype", &self.dtype_name())
+            .finish()
+    }
+}
+
+/// What the packed weight is stored as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PackedKind {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+}
+
+impl PackedLinear {
+    /// Packs `weight` (`(out, in)`, any float dtype, on the CPU) as `kind`. q8_0 needs `in` to
+    /// be a multiple of 32.
+    pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>, kind: PackedKind) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let groups = out_dim.div_ceil(LANES);
+        let w: Vec<f32> = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let panels = match kind {
+            PackedKind::F32 => Panels::F32(pack_float(&w, out_dim, in_dim, |v| v)),
+            PackedKind::F16 => Panels::F16(pack_float(&w, out_dim, in_dim, f16::from_f32)),
+            PackedKind::Bf16 => Panels::Bf16(pack_float(&w, out_dim, in_dim, bf16::from_f32)),
+            PackedKind::Q8_0 => {
+                if in_dim % QBLOCK != 0 {
+                    return Err(crate::EngineError::InvalidInput(format!(
+                        "q8_0 needs an input dimension divisible by {QBLOCK}, got {in_dim}"
+                    )));
+                }
+                let (quants, scales) = pack_q8(&w, out_dim, in_dim);
+                Panels::Q8 { quants, scales }
+            }
+        };
+        let bias = bias
+            .map(|b| -> Result<Vec<f32>> {
+                let mut v = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                v.resize(groups * LANES, 0.0);
+                Ok(v)
+            })
+            .transpose()?;
+        Ok(Self {
+            out_dim,
+            in_dim,
+            groups,
+            panels,
+            bias,
+            gelu: false,
+        })
+    }
+
+    /// This layer with `gelu_new` applied to its outputs.
+    pub(crate) fn with_gelu(self) -> Self {
+        Self { gelu: true, ..self }
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self.panels {
+            Panels::F32(_) => "f32",
+            Panels::F16(_) => "f16",
+            Panels::Bf16(_) => "bf16",
+            Panels::Q8 { .. } => "q8_0",
+        }
+    }
+
+    /// Bytes of weights one forward reads.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        match &self.panels {
+            Panels::F32(p) => p.len() * 4,
+            Panels::F16(p) => p.len() * 2,
+            Panels::Bf16(p) => p.len() * 2,
+            Panels::Q8 { quants, scales } => quants.len() + scales.len() * 2,
+        }
+    }
+
+    /// `x W^T + b` for `x` `(rows, in)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.apply_op1_no_bwd(self)?)
+    }
+
+    /// The product on f32 rows: `x` is `rows * in_dim`, the result `rows * out_dim`.
+    fn run(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let stride = self.groups * LANES;
+        let mut out = vec![0f32; rows * stride];
+        let input = match &self.panels {
+            Panels::Q8 { .. } => Input::Q8(QuantizedRows::new(x, rows, self.in_dim)),
+            _ => Input::F32(x),
+        };
+        let job = Job {
+            lin: self,
+            input: &input,
+            rows,
+            out: OutPtr(out.as_mut_ptr()),
+            stride,
+        };
+        // candle's own pool (the calling thread plus spinning workers) rather than rayon's: the
+        // element-wise ops between two products already run there, and two pools on the same
+        // cores take turns spinning instead of working.
+        let pool = candle_core::utils::barrier_pool();
+        let parts = (pool.n_workers() + 1).min(self.groups);
+        if parts <= 1 || rows * self.in_dim * self.out_dim < PARALLEL_MIN_MACS {
+            job.columns(0, self.groups);
+        } else {
+            let per = self.groups.div_ceil(parts);
+            pool.execute(|t| {
+                let g0 = (t * per).min(self.groups);
+                job.columns(g0, ((t + 1) * per).min(self.groups));
+            });
+        }
+        if stride != self.out_dim {
+            for r in 0..rows {
+                out.copy_within(r * stride..r * stride + self.out_dim, r * self.out_dim);
+            }
+            out.truncate(rows * self.out_dim);
+        }
+        out
+    }
+}
+
+/// `[group][k][lane]`, zero-padded past `out_dim`.
+fn pack_float<T: Copy + Default>(
+    w: &[f32],
+    out_dim: usize,
+    in_dim: usize,
+    conv: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let groups = out_dim.div_ceil(LANES);
+    let mut p = vec![T::default(); groups * in_dim * LANES];
+    for n in 0..out_dim {
+        let (g, lane) = (n / LANES, n % LANES);
+        for (k, &v) in w[n * in_dim..(n + 1) * in_dim].iter().enumerate() {
+            p[(g * in_dim + k) * LANES + lane] = conv(v);
+        }
+    }
+    p
+}
+
+/// q8_0 per (column, block of 32): scale `d = amax / 127` (stored f16), `q = round(w / d)`;
+/// quants stored `[group][block][quad][lane][4]` as `q + 128`.
+fn pack_q8(w: &[f32], out_dim: usize, in_dim: usize) -> (Vec<u8>, Vec<f16>) {
+    let groups = out_dim.div_ceil(LANES);
+    let blocks = in_dim / QBLOCK;
+    // Padding columns are zero weights: quant 0 (stored 128) with scale 0.
+    let mut quants = vec![128u8; groups * blocks * QBLOCK * LANES];
+    let mut scales = vec![f16::ZERO; groups * blocks * LANES];
+    for n in 0..out_dim {
+        let (g, lane) = (n / LANES, n % LANES);
+        for b in 0..blocks {
+            let src = &w[n * in_dim + b * QBLOCK..n * in_dim + (b + 1) * QBLOCK];
+            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = f16::from_f32(amax / 127.0);
+            let inv = if d.to_f32() > 0.0 {
+                1.0 / d.to_f32()
+            } else {
+                0.0
+            };
+            scales[(g * blocks + b) * LANES + lane] = d;
+            let base = (g * blocks + b) * QBLOCK * LANES;
+            for (i, &v) in src.iter().enumerate() {
+                let q = (v * inv).round().clamp(-127.0, 127.0) as i32;
+                let (quad, byte) = (i / 4, i % 4);
+                quants[base + quad * LANES * 4 + lane * 4 + byte] = (q + 128) as u8;
+            }
+        }
+    }
+    (quants, scales)
+}
+
+/// Input rows quantized to q8_0 for the integer kernel.
+struct QuantizedRows {
+    /// `rows * in_dim` signed quants.
+    quants: Vec<i8>,
+    /// Per (row, block): the scale.
+    scales: Vec<f32>,
+    /// Per (row, block): `-128 * sum(quants)`, the start of the block's integer sum.
+    offsets: Vec<i32>,
+}
+
+impl QuantizedRows {
+    fn new(x: &[f32], rows: usize, in_dim: usize) -> Self {
+        let blocks = in_dim / QBLOCK;
+        let mut q = Self {
+            quants: vec![0i8; rows * in_dim],
+            scales: vec![0f32; rows * blocks],
+            offsets: vec![0i32; rows * blocks],
+        };
+        // Safety: only built where `available()` holds; the buffers are sized above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::quantize_blocks(x, &mut q.quants, &mut q.scales, &mut q.offsets)
+        };
+        q
+    }
+}
+
+enum Input<'a> {
+    F32(&'a [f32]),
+    Q8(QuantizedRows),
+}
+
+/// The output buffer, shared by threads that write disjoint column groups.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// Safety: threads write disjoint column ranges of the buffer (see `Job::columns`), and the
+// buffer outlives the parallel section.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// One product, split by column groups between threads.
+struct Job<'a> {
+    lin: &'a PackedLinear,
+    input: &'a Input<'a>,
+    rows: usize,
+    out: OutPtr,
+    /// Row stride of `out`: `groups * LANES`.
+    stride: usize,
+}
+
+/// Rows per tile in the float kernel, and column groups per tile.
+const FR: usize = 6;
+const FC: usize = 4;
+/// The same for the q8_0 kernel, which holds an integer and a float accumulator per output.
+const QR: usize = 4;
+const QC: usize = 3;
+
+impl Job<'_> {
+    /// Computes column groups `g0..g1` for every row.
+    fn columns(&self, g0: usize, g1: usize) {
+        let k = self.lin.in_dim;
+        let (tile_c, tile_r) = match self.lin.panels {
+            Panels::Q8 { .. } => (QC, QR),
+            _ => (FC, FR),
+        };
+        let mut g = g0;
+        while g < g1 {
+            let c = tile_c.min(g1 - g);
+            let mut k0 = 0;
+            while k0 < k {
+                let k1 = (k0 + KC).min(k);
+                let mut r = 0;
+                while r < self.rows {
+                    let nr = tile_r.min(self.rows - r);
+                    // Safety: `available()` was true when this layer was built (the only way to
+                    // build one), tiles stay inside `x`, the panels and `out`.
+                    unsafe { self.tile(r, nr, g, c, k0, k1) };
+                    r += nr;
+                }
+                k0 = k1;
+            }
+            if self.lin.gelu {
+                for r in 0..self.rows {
+                    // Safety: row `r`, groups `g..g + c` are this thread's part of `out`.
+                    unsafe {
+                        let p = self.out.0.add(r * self.stride + g * LANES);
+                        avx512::gelu_new(std::slice::from_raw_parts_mut(p, c * LANES));
+                    }
+                }
+            }
+            g += c;
+        }
+    }
+
+    /// Dispatches a tile to the kernel instantiated for its shape.
+    ///
+    /// # Safety
+    /// The CPU has the features in `cpu_supports`; `r + nr <= rows`, `g + nc <= groups`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile(&self, r: usize, nr: usize, g: usize, nc: usize, k0: usize, k1: usize) {
+        macro_rules! dispatch {
+            ($kernel:ident, $panels:expr, $($rr:literal),+ ; $($cc:literal),+) => {
+                dispatch!(@rows $kernel, $panels, nr, nc, [$($rr),+], [$($cc),+])
+            };
+            (@rows $kernel:ident, $panels:expr, $nr:ident, $nc:ident, [$($rr:literal),+], $cs:tt) => {
+                match $nr {
+                    $($rr => dispatch!(@cols $kernel, $panels, $rr, $nc, $cs),)+
+                    _ => unreachable!("tile rows"),
+                }
+            };
+            (@cols $kernel:ident, $panels:expr, $rr:literal, $nc:ident, [$($cc:literal),+]) => {
+                match $nc {
+                    $($cc => avx512::$kernel::<$rr, $cc, _>(self.view($panels, r, g, k0, k1)),)+
+                    _ => unreachable!("tile columns"),
+                }
+            };
+        }
+        macro_rules! dispatch_q8 {
+            ($($rr:literal),+ ; $($cc:literal),+) => {
+                dispatch_q8!(@rows [$($rr),+], [$($cc),+])
+            };
+            (@rows [$($rr:literal),+], $cs:tt) => {
+                match nr {
+                    $($rr => dispatch_q8!(@cols $rr, $cs),)+
+                    _ => unreachable!("tile rows"),
+                }
+            };
+            (@cols $rr:literal, [$($cc:literal),+]) => {
+                match nc {
+                    $($cc => avx512::q8_tile::<$rr, $cc>(self.q8_view(r, g, k0, k1)),)+
+                    _ => unreachable!("tile columns"),
+                }
+            };
+        }
+        match &self.lin.panels {
+            Panels::F32(p) => dispatch!(float_tile, p.as_slice(), 1, 2, 3, 4, 5, 6; 1, 2, 3, 4),
+            Panels::F16(p) => dispatch!(float_tile, p.as_slice(), 1, 2, 3, 4, 5, 6; 1, 2, 3, 4),
+            Panels::Bf16(p) => dispatch!(float_tile, p.as_slice(), 1, 2, 3, 4, 5, 6; 1, 2, 3, 4),
+            Panels::Q8 { .. } => dispatch_q8!(1, 2, 3, 4; 1, 2, 3),
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn tile(&self, _: usize, _: usize, _: usize, _: usize, _: usize, _: usize) {
+        unreachable!("packed kernels are built only where cpu_supports() is true")
+    }
+
+    /// Pointers for a float tile: rows from `r`, groups from `g`, inputs `k0..k1`.
+    #[cfg(target_arch = "x86_64")]
+    fn view<T>(
+        &self,
+        panels: &[T],
+        r: usize,
+        g: usize,
+        k0: usize,
+        k1: usize,
+    ) -> avx512::FloatTile<T> {
+        let Input::F32(x) = self.input else {
+            unreachable!("float panels take f32 input")
+        };
+        let k = self.lin.in_dim;
+        avx512::FloatTile {
+            x: x[r * k + k0..].as_ptr(),
+            x_stride: k,
+            w: panels[(g * k + k0) * LANES..].as_ptr(),
+            w_stride: k * LANES,
+            len: k1 - k0,
+            // Safety (of the offset): `r < rows` and `g < groups`, inside the buffer.
+            out: unsafe { self.out.0.add(r * self.stride + g * LANES) },
+            out_stride: self.stride,
+            bias: self.start(g, k0),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn q8_view(&self, r: usize, g: usize, k0: usize, k1: usize) -> avx512::Q8Tile {
+        let (Input::Q8(x), Panels::Q8 { quants, scales }) = (self.input, &self.lin.panels) else {
+            unreachable!("q8 panels take quantized input")
+        };
+        let k = self.lin.in_dim;
+        let blocks = k / QBLOCK;
+        let (b0, b1) = (k0 / QBLOCK, k1 / QBLOCK);
+        avx512::Q8Tile {
+            xq: x.quants[r * k + k0..].as_ptr(),
+            x_scales: x.scales[r * blocks + b0..].as_ptr(),
+            x_offsets: x.offsets[r * blocks + b0..].as_ptr(),
+            x_stride: k,
+            x_block_stride: blocks,
+            wq: quants[(g * blocks + b0) * QBLOCK * LANES..].as_ptr(),
+            w_scales: scales[(g * blocks + b0) * LANES..].as_ptr(),
+            w_group_blocks: blocks,
+            blocks: b1 - b0,
+            // Safety (of the offset): `r < rows` and `g < groups`, inside the buffer.
+            out: unsafe { self.out.0.add(r * self.stride + g * LANES) },
+            out_stride: self.stride,
+            bias: self.start(g, k0),
+        }
+    }
+
+    /// Where the accumulators start: the bias (or zero) on the first pass over the inputs,
+    /// the partial sums already in `out` after that.
+    #[cfg(target_arch = "x86_64")]
+    fn start(&self, g: usize, k0: usize) -> avx512::Start {
+        match (k0, &self.lin.bias) {
+            (0, Some(b)) => avx512::Start::Bias(b[g * LANES..].as_ptr()),
+            (0, None) => avx512::Start::Zero,
+            _ => avx512::Start::Out,
+        }
+    }
+}
+
+impl CustomOp1 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "gptj-packed-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("packed linear needs a contiguous input");
+        };
+        let (rows, k) = l.shape().dims2()?;
+        if k != self.in_dim {
+            candle_core::bail!(
+                "packed linear: input has {k} columns, the weight {}",
+                self.in_dim
+            );
+        }
+        let shape = Shape::from((rows, self.out_dim));
+        Ok(match s {
+            CpuStorage::F32(x) => (CpuStorage::F32(self.run(&x[start..end], rows)), shape),
+            CpuStorage::F16(x) => {
+                let mut xf = vec![0f32; end - start];
+                crate::simd::widen_f16(&x[start..end], &mut xf);
+                let y = self.run(&xf, rows).into_iter().map(f16::from_f32);
+                (CpuStorage::F16(y.collect()), shape)
+            }
+            CpuStorage::BF16(x) => {
+                let mut xf = vec![0f32; end - start];
+                crate::simd::widen_bf16(&x[start..end], &mut xf);
+                let y = self.run(&xf, rows).into_iter().map(bf16::from_f32);
+                (CpuStorage::BF16(y.collect()), shape)
+            }
+            other => {
+                use candle_core::backend::BackendStorage;
+                candle_core::bail!("packed linear: unsupported input dtype {:?}", other.dtype())
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_abs(v: &[f32]) -> f32 {
+        v.iter().fold(0f32, |m, x| m.max(x.abs()))
+    }
+
+    fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Vec<f32> {
+        let y = x.matmul(&w.t().unwrap()).unwrap();
+        let y = match b {
+            Some(b) => y.broadcast_add(b).unwrap(),
+            None => y,
+        };
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_candle_in_every_kind() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        // Odd row counts, a ragged last column group, and inputs longer than one KC pass.
+        for (m, k, n, bias) in [
+            (1, 64, 48, true),
+            (3, 96, 70, false),
+            (7, 768, 2304, true),
+            (13, 2048 + 64, 100, true),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+            let b = bias.then_some(&b);
+            let want = reference(&x, &w, b);
+            let scale = max_abs(&want);
+            for (kind, act, tol) in [
+                (PackedKind::F32, DType::F32, 1e-5),
+                (PackedKind::F16, DType::F16, 1e-2),
+                (PackedKind::Bf16, DType::BF16, 2e-2),
+                (PackedKind::Q8_0, DType::F32, 3e-2),
+            ] {
+                let lin = PackedLinear::new(&w, b, kind).unwrap();
+                let got = values(&lin.forward(&x.to_dtype(act).unwrap()).unwrap());
+                assert_eq!(got.len(), m * n);
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |e, (g, r)| e.max((g - r).abs()));
+                assert!(
+                    err / scale < tol,
+                    "{m}x{k}x{n} {kind:?}: relative error {}",
+                    err / scale
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_gelu_matches_candle() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        // Wide inputs reach the tails of gelu, where exp under- and overflows.
+        let x = (Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap() * 4.0).unwrap();
+        let w = Tensor::randn(0f32, 0.5, (40, 96), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
+        let plain = PackedLinear::new(&w, Some(&b), PackedKind::F32).unwrap();
+        let want = values(&plain.forward(&x).unwrap().gelu().unwrap());
+        let fused = PackedLinear::new(&w, Some(&b), PackedKind::F32)
+            .unwrap()
+            .with_gelu();
+        let got = values(&fused.forward(&x).unwrap());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "gelu {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn a_row_is_bitwise_the_same_in_any_batch() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (k, n) = (1024 + 128, 1000);
+        let x = Tensor::randn(0f32, 1.0, (37, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+        for kind in [
+            PackedKind::F32,
+            PackedKind::F16,
+            PackedKind::Bf16,
+            PackedKind::Q8_0,
+        ] {
+            let lin = PackedLinear::new(&w, Some(&b), kind).unwrap();
+            let all = values(&lin.forward(&x).unwrap());
+            for row in [0, 5, 36] {
+                let alone = values(&lin.forward(&x.narrow(0, row, 1).unwrap()).unwrap());
+                assert_eq!(alone, all[row * n..(row + 1) * n], "{kind:?} row {row}");
+            }
+            let pair = values(&lin.forward(&x.narrow(0, 30, 7).unwrap()).unwrap());
+            assert_eq!(pair, all[30 * n..37 * n], "{kind:?} rows 30..37");
+        }
+    }
+}
