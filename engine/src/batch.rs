@@ -34,7 +34,7 @@ pub struct Logits {
 impl Logits {
     /// Wraps `rows * vocab` values laid out row after row.
     pub fn new(data: Vec<f32>, vocab: usize) -> Self {
-        debug_assert!(vocab > 0 && data.len() % vocab == 0);
+        debug_assert!(vocab > 0 && data.len().is_multiple_of(vocab));
         Self { data, vocab }
     }
 

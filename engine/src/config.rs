@@ -112,14 +112,15 @@ impl GptjConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
                 "n_embd ({}) must be a multiple of n_head ({})",
                 self.n_embd, self.n_head
             ));
         }
         let head_dim = self.head_dim();
-        if self.rotary_dim == 0 || self.rotary_dim > head_dim || self.rotary_dim % 2 != 0 {
+        if self.rotary_dim == 0 || self.rotary_dim > head_dim || !self.rotary_dim.is_multiple_of(2)
+        {
             return Err(format!(
                 "rotary_dim ({}) must be even and in 2..={head_dim} (the head dimension)",
                 self.rotary_dim

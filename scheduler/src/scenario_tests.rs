@@ -508,7 +508,13 @@ fn continuous_batching_refills_the_slot_at_once() {
 fn eos_stops_unless_min_new_tokens_says_otherwise() {
     let eos = tokenizer().eos_token_id();
     // Emits EOS whenever the context has an even length.
-    let rule = move |ctx: &[u32]| if ctx.len() % 2 == 0 { eos } else { 262 };
+    let rule = move |ctx: &[u32]| {
+        if ctx.len().is_multiple_of(2) {
+            eos
+        } else {
+            262
+        }
+    };
     let mut h = Harness::new(FakeModel::new(64, 4).with_rule(rule), config(4, 64));
     let mut a = h.submit(JobRequest::new(vec![40, 41], 10));
     let mut with_min = JobRequest::new(vec![40, 41], 10);

@@ -535,7 +535,7 @@ mod tests {
                 let start = Instant::now();
                 tokio::time::sleep(self.delay).await;
                 let mut o = Outcome::new(req.prompt_ids.len());
-                if req.index % 3 == 0 {
+                if req.index.is_multiple_of(3) {
                     return o.failed(Status::Http(404), start);
                 }
                 o.status = Status::Ok;
