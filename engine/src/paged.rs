@@ -419,10 +419,17 @@ impl PagedAttention {
         heads: usize,
         dim: usize,
     ) -> Option<Vec<T>> {
-        use crate::avx512::attend_head;
-        use crate::avx512::HeadView;
-        type Kernel<T> =
-            unsafe fn(&[f32], &[T], &[T], usize, &HeadView<'_>, f32, &mut Vec<f32>, &mut [f32]);
+        use crate::avx512::{attend_head, AttendScratch, HeadView};
+        type Kernel<T> = unsafe fn(
+            &[f32],
+            &[T],
+            &[T],
+            usize,
+            &HeadView<'_>,
+            f32,
+            &mut AttendScratch,
+            &mut [f32],
+        );
         let kernel: Kernel<T> = match dim {
             16 => attend_head::<1, T>,
             32 => attend_head::<2, T>,
@@ -437,7 +444,8 @@ impl PagedAttention {
         let mut out = vec![T::narrow(0.0); items * dim];
         let out_ptr = SharedOut(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-            let (mut scores, mut qbuf, mut res) = (Vec::new(), vec![0f32; dim], vec![0f32; dim]);
+            let mut scratch = AttendScratch::default();
+            let (mut qbuf, mut res) = (vec![0f32; dim], vec![0f32; dim]);
             for i in range {
                 let (t, h) = (i / heads, i % heads);
                 let qf = T::as_f32(&q[i * dim..(i + 1) * dim], &mut qbuf);
@@ -459,7 +467,7 @@ impl PagedAttention {
                         ctx,
                         &at,
                         self.scale,
-                        &mut scores,
+                        &mut scratch,
                         &mut res,
                     );
                 }
@@ -574,11 +582,11 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn chunked_writes_and_scattered_blocks_match_plain_attention() {
-        let (heads, dim, block_size, num_blocks) = (2, 8, 4, 16);
+    /// Prefills `len` tokens in two chunks (split at `split`, each attending to what came
+    /// before) through a scattered block table, and compares with plain attention.
+    fn check_against_plain(heads: usize, dim: usize, block_size: usize, len: usize, split: usize) {
+        let num_blocks = 16;
         let width = heads * dim;
-        let len = 11;
         let (q, k, v) = (
             values(len * width, 1),
             values(len * width, 2),
@@ -586,18 +594,21 @@ mod tests {
         );
         let dev = Device::Cpu;
         let pool = KvPool::new(1, heads, dim, num_blocks, block_size, DType::F32, &dev).unwrap();
-        let table = [BlockId(9), BlockId(2), BlockId(14)];
+        let table: Vec<BlockId> = [9, 2, 14, 5, 0, 11, 7]
+            .iter()
+            .take(len.div_ceil(block_size))
+            .map(|&b| BlockId(b))
+            .collect();
         let tokens = vec![0u32; len];
-        // Prefill in two chunks: 0..6, then 6..11, each attending to what came before.
         let mut got = Vec::new();
-        for (a, b) in [(0, 6), (6, 11)] {
+        for (a, b) in [(0, split), (split, len)] {
             let rows = [SeqChunk {
                 tokens: &tokens[a..b],
                 start_pos: a,
                 block_table: &table,
                 want_logits: true,
             }];
-            let step = Arc::new(StepLayout::new(&rows, block_size, num_blocks, 64).unwrap());
+            let step = Arc::new(StepLayout::new(&rows, block_size, num_blocks, 128).unwrap());
             let t = |x: &[f32]| {
                 Tensor::from_slice(&x[a * width..b * width], (b - a, heads, dim), &dev).unwrap()
             };
@@ -607,8 +618,19 @@ mod tests {
         }
         let want = reference(&q, &k, &v, heads, dim, 0, 0.3);
         for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+            assert!((g - w).abs() < 1e-5, "heads {heads} dim {dim}: {g} vs {w}");
         }
+    }
+
+    #[test]
+    fn chunked_writes_and_scattered_blocks_match_plain_attention() {
+        // A head size with no vector kernel (the portable path) ...
+        check_against_plain(2, 8, 4, 11, 6);
+        // ... and GPT-J's (the AVX-512 path where the CPU has it): contexts that end inside a
+        // group of 16 positions and inside a block, odd and even.
+        check_against_plain(3, 64, 16, 53, 20);
+        check_against_plain(2, 256, 8, 37, 17);
+        check_against_plain(1, 32, 16, 16, 15);
     }
 
     #[test]
