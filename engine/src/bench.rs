@@ -99,8 +99,9 @@ impl DecodeBench {
         let blocks_per_seq = (self.context + self.steps + 1).div_ceil(block_size);
         let max_batch = self.batches.iter().copied().max().unwrap_or(1);
         let act = precision.activation_dtype(candle_core::DType::F32);
+        let kv_dtype = crate::KvCacheDtype::Auto.resolve(precision, act);
         let per_block =
-            KvPool::bytes_per_block(config.n_layer, config.n_embd, block_size, act) as u64;
+            KvPool::bytes_per_block(config.n_layer, config.n_embd, block_size, kv_dtype) as u64;
         let opts = EngineOptions {
             precision,
             device: self.device,

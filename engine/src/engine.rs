@@ -11,7 +11,7 @@ use crate::config::GptjConfig;
 use crate::error::{EngineError, Result};
 use crate::model::GptjModel;
 use crate::paged::{KvPool, StepLayout};
-use crate::precision::Precision;
+use crate::precision::{KvCacheDtype, Precision};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
 
@@ -153,6 +153,8 @@ pub struct EngineOptions {
     /// Bytes for the KV pool; `None` takes a default: [`EngineOptions::DEFAULT_GPU_KV_FRACTION`] of
     /// free device memory on CUDA, [`EngineOptions::DEFAULT_CPU_KV_BYTES`] on CPU.
     pub kv_cache_memory: Option<u64>,
+    /// The KV cache's element type.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Where hub models are downloaded to and looked up in.
     pub cache_dir: PathBuf,
 }
@@ -174,6 +176,7 @@ impl Default for EngineOptions {
             device: DeviceKind::Cpu,
             block_size: 16,
             kv_cache_memory: None,
+            kv_cache_dtype: KvCacheDtype::Auto,
             cache_dir: PathBuf::from("model-cache"),
         }
     }
@@ -245,8 +248,11 @@ impl Engine {
             })?,
         };
         let started = std::time::Instant::now();
-        let model = GptjModel::load(config, source, opts.precision, &device)?;
-        let dtype = model.activation_dtype();
+        let kv_dtype = opts
+            .kv_cache_dtype
+            .resolve(opts.precision, opts.precision.activation_dtype(source.native_dtype()?));
+        let model = GptjModel::load(config, source, opts.precision, kv_dtype, &device)?;
+        let dtype = kv_dtype;
         let per_block =
             KvPool::bytes_per_block(config.n_layer, config.n_embd, opts.block_size.max(1), dtype)
                 as u64;
@@ -282,7 +288,8 @@ impl Engine {
         tracing::info!(
             model = %description,
             precision = %opts.precision,
-            activations = ?dtype,
+            activations = ?model.activation_dtype(),
+            kv_dtype = ?dtype,
             kv_blocks = num_blocks,
             block_size = opts.block_size,
             kv_bytes = num_blocks as u64 * per_block,
@@ -357,9 +364,14 @@ impl Engine {
         self.model.streamed_weight_bytes()
     }
 
-    /// dtype of the activations and of the KV cache.
+    /// dtype of the activations.
     pub fn activation_dtype(&self) -> candle_core::DType {
         self.model.activation_dtype()
+    }
+
+    /// dtype of the KV cache (see [`KvCacheDtype`]).
+    pub fn kv_cache_dtype(&self) -> candle_core::DType {
+        self.model.kv_dtype()
     }
 
     /// The tokenizer that goes with the weights.

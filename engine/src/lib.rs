@@ -29,6 +29,6 @@ pub use config::GptjConfig;
 pub use engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
 pub use error::{EngineError, Result};
 pub use paged::KvPool;
-pub use precision::Precision;
+pub use precision::{KvCacheDtype, Precision};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

@@ -215,6 +215,9 @@ pub struct GptjModel {
     cos: Tensor,
     sin: Tensor,
     act_dtype: DType,
+    /// The KV cache's dtype: keys and values are converted on the way in, queries and the
+    /// attention output on the way through, when it differs from `act_dtype`.
+    kv_dtype: DType,
     device: Device,
 }
 
@@ -224,6 +227,7 @@ impl GptjModel {
         config: &GptjConfig,
         source: &WeightSource,
         precision: Precision,
+        kv_dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let act = precision.activation_dtype(source.native_dtype()?);
@@ -286,6 +290,7 @@ impl GptjModel {
             cos,
             sin,
             act_dtype: act,
+            kv_dtype,
             device: device.clone(),
         })
     }
@@ -311,9 +316,14 @@ impl GptjModel {
         blocks + self.lm_head.weight_bytes()
     }
 
-    /// dtype of activations and of the KV cache.
+    /// dtype of activations.
     pub fn activation_dtype(&self) -> DType {
         self.act_dtype
+    }
+
+    /// dtype of the KV cache.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     /// Runs the new tokens of a step. `step` says where each token lives in the cache,
@@ -382,8 +392,11 @@ impl GptjModel {
                 .contiguous()?
                 .reshape((n, heads, head_dim))?;
             let cache = kv.layer(l);
-            write_kv(cache, &k, &v, step)?;
-            let attn = paged_attention(&q, cache, step, scale)?.reshape((n, e))?;
+            let kv_dt = self.kv_dtype;
+            write_kv(cache, &k.to_dtype(kv_dt)?, &v.to_dtype(kv_dt)?, step)?;
+            let attn = paged_attention(&q.to_dtype(kv_dt)?, cache, step, scale)?
+                .to_dtype(self.act_dtype)?
+                .reshape((n, e))?;
             let a = block.out_proj.forward(&attn)?;
             let m = block.fc_out.forward(&block.fc_in.forward_gelu(&h)?)?;
             x = ((x + a)? + m)?;

@@ -31,6 +31,10 @@ pub struct ModelArgs {
     /// Default: the engine's (2 GiB on CPU, at most 64 full contexts).
     #[arg(long, env = "GPTJ_KV_CACHE_MEMORY", value_parser = parse_byte_size)]
     pub kv_cache_memory: Option<u64>,
+    /// The KV cache's element type: auto (the activations' dtype; f16 under q8_0), f32, f16
+    /// or bf16.
+    #[arg(long, env = "GPTJ_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: gptj_engine::KvCacheDtype,
     /// Token slots per KV-cache block.
     #[arg(long, env = "GPTJ_BLOCK_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub block_size: u16,
@@ -47,6 +51,7 @@ impl ModelArgs {
             device: self.device,
             block_size: usize::from(self.block_size),
             kv_cache_memory: self.kv_cache_memory,
+            kv_cache_dtype: self.kv_cache_dtype,
             cache_dir: self.cache_dir.clone(),
         }
     }
