@@ -260,25 +260,27 @@ pub(crate) unsafe fn q8_tile<const R: usize, const C: usize>(t: Q8Tile) {
     store_acc(&acc, t.out, t.out_stride);
 }
 
-/// Where one head of one sequence lives in a paged cache half.
-pub(crate) struct HeadView<'a> {
+/// Where a run of heads of one sequence lives in a paged cache half.
+pub(crate) struct HeadsView<'a> {
     /// The sequence's block table.
     pub table: &'a [u32],
     pub block_size: usize,
     /// Elements per cache slot: heads * head size.
     pub width: usize,
-    /// The head's first element within a slot.
-    pub head: usize,
+    /// The first head's first element within a slot.
+    pub first: usize,
+    /// Heads in the run.
+    pub heads: usize,
 }
 
-impl HeadView<'_> {
+impl HeadsView<'_> {
     /// Element offsets of positions `0..ctx`, walking the block table (no divisions).
     fn offsets(&self, ctx: usize, into: &mut Vec<usize>) {
         into.clear();
         for &block in self.table {
             let first = block as usize * self.block_size;
             let take = self.block_size.min(ctx - into.len());
-            into.extend((first..first + take).map(|slot| slot * self.width + self.head));
+            into.extend((first..first + take).map(|slot| slot * self.width + self.first));
             if into.len() == ctx {
                 break;
             }
@@ -326,102 +328,139 @@ unsafe fn sum_lanes16(a: [__m512; 16]) -> __m512 {
     _mm512_permutexvar_ps(order, e)
 }
 
-/// Scratch space reused across calls of `attend_head`.
+/// Scratch space reused across calls of `attend_heads`.
 #[derive(Default)]
 pub(crate) struct AttendScratch {
+    /// Per head, the scores (then probabilities) of every position, padded to 16.
     scores: Vec<f32>,
+    /// Per position, its offset in the cache.
     offsets: Vec<usize>,
+    /// Per head and position in a group of 16, a query-key product before its lane sum.
+    parts: Vec<f32>,
 }
 
-/// One query head against its context: `out = softmax(scale * q . k_p) . v_p` over positions
-/// `p < ctx`, read through `at` (the paged cache). Scores, max and softmax are f32; `CH` is
-/// the head size in 16s. Scores are taken 16 positions at a time and summed across lanes
-/// together; the value pass keeps two accumulator sets (even and odd positions) so that
-/// consecutive multiply-adds do not wait for each other.
+/// A run of query heads of one token against its context: per head, `out = softmax(scale *
+/// q . k_p) . v_p` over positions `p < ctx`, read through `at` (the paged cache). Scores,
+/// max and softmax are f32; `CH` is the head size in 16s.
+///
+/// A cache slot holds every head of a position side by side, so the loops go position by
+/// position and, inside, head by head: the cache is read front to back, as the hardware
+/// prefetchers like, instead of in head-sized pieces a slot apart. Query-key products are
+/// summed across lanes 16 positions at a time (`sum_lanes16`). Each head's arithmetic is
+/// the same whatever run it is computed in, so how heads are grouped (which depends on the
+/// batch) never changes a result.
 ///
 /// # Safety
-/// The CPU has AVX-512F and F16C; `q` and `out` hold `16 * CH` values; every position's
-/// offset (from `at`) plus `16 * CH` is within `k` and `v`.
+/// The CPU has AVX-512F and F16C; `q` and `out` hold `at.heads * 16 * CH` values; every
+/// position's offset (from `at`) plus `at.heads * 16 * CH` is within `k` and `v`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn attend_head<const CH: usize, T: Widen16>(
+pub(crate) unsafe fn attend_heads<const CH: usize, T: Widen16>(
     q: &[f32],
     k: &[T],
     v: &[T],
     ctx: usize,
-    at: &HeadView<'_>,
+    at: &HeadsView<'_>,
     scale: f32,
     scratch: &mut AttendScratch,
     out: &mut [f32],
 ) {
-    let AttendScratch { scores, offsets } = scratch;
+    let dim = 16 * CH;
+    let heads = at.heads;
+    let AttendScratch {
+        scores,
+        offsets,
+        parts,
+    } = scratch;
     at.offsets(ctx, offsets);
-    let mut qv = [_mm512_setzero_ps(); CH];
-    for (j, qj) in qv.iter_mut().enumerate() {
-        *qj = _mm512_loadu_ps(q.as_ptr().add(16 * j));
-    }
+    let padded = ctx.next_multiple_of(16);
     scores.clear();
-    scores.resize(ctx.next_multiple_of(16), 0.0);
+    scores.resize(heads * padded, 0.0);
+    parts.clear();
+    parts.resize(heads * 16 * 16, 0.0);
     let scale_v = _mm512_set1_ps(scale);
-    let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
     for (g, group) in offsets.chunks(16).enumerate() {
-        let mut acc = [_mm512_setzero_ps(); 16];
-        for (a, &off) in acc.iter_mut().zip(group) {
+        for (s, &off) in group.iter().enumerate() {
             let kp = k.as_ptr().add(off);
-            let mut s = _mm512_mul_ps(qv[0], T::load16(kp));
-            for (j, qj) in qv.iter().enumerate().skip(1) {
-                s = _mm512_fmadd_ps(*qj, T::load16(kp.add(16 * j)), s);
+            for h in 0..heads {
+                let (qh, kh) = (q.as_ptr().add(h * dim), kp.add(h * dim));
+                let mut a = _mm512_mul_ps(_mm512_loadu_ps(qh), T::load16(kh));
+                for j in 1..CH {
+                    a = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(qh.add(16 * j)),
+                        T::load16(kh.add(16 * j)),
+                        a,
+                    );
+                }
+                _mm512_storeu_ps(parts.as_mut_ptr().add((h * 16 + s) * 16), a);
             }
-            *a = s;
         }
-        let sums = _mm512_mul_ps(sum_lanes16(acc), scale_v);
-        let mask: __mmask16 = if group.len() == 16 {
-            0xffff
-        } else {
-            (1u16 << group.len()) - 1
-        };
-        _mm512_storeu_ps(scores.as_mut_ptr().add(16 * g), sums);
-        maxv = _mm512_mask_max_ps(maxv, mask, maxv, sums);
+        for h in 0..heads {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (s, r) in rows.iter_mut().enumerate().take(group.len()) {
+                *r = _mm512_loadu_ps(parts.as_ptr().add((h * 16 + s) * 16));
+            }
+            let sums = _mm512_mul_ps(sum_lanes16(rows), scale_v);
+            _mm512_storeu_ps(scores.as_mut_ptr().add(h * padded + 16 * g), sums);
+        }
     }
-    let maxv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
-    let mut sumv = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < ctx {
-        let mask: __mmask16 = if ctx - i >= 16 {
-            0xffff
-        } else {
-            (1u16 << (ctx - i)) - 1
-        };
-        let p = scores.as_mut_ptr().add(i);
-        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), maxv));
-        _mm512_storeu_ps(p, e);
-        sumv = _mm512_mask_add_ps(sumv, mask, sumv, e);
-        i += 16;
+    // Softmax per head; `out` holds each head's reciprocal sum until the value pass.
+    let mut inv = [0f32; 64];
+    let inv = if heads <= inv.len() {
+        &mut inv[..heads]
+    } else {
+        unreachable!("at most 64 heads per run")
+    };
+    for (h, inv_h) in inv.iter_mut().enumerate() {
+        let row = scores.as_mut_ptr().add(h * padded);
+        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < ctx {
+            let mask = lanes(ctx - i);
+            maxv = _mm512_mask_max_ps(maxv, mask, maxv, _mm512_loadu_ps(row.add(i)));
+            i += 16;
+        }
+        let maxv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
+        let mut sumv = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < ctx {
+            let mask = lanes(ctx - i);
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(i)), maxv));
+            _mm512_storeu_ps(row.add(i), e);
+            sumv = _mm512_mask_add_ps(sumv, mask, sumv, e);
+            i += 16;
+        }
+        *inv_h = 1.0 / _mm512_reduce_add_ps(sumv);
     }
-    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sumv));
-    let mut even = [_mm512_setzero_ps(); CH];
-    let mut odd = [_mm512_setzero_ps(); CH];
-    let mut pairs = offsets.chunks_exact(2);
-    for (n, pair) in (&mut pairs).enumerate() {
-        let (p0, p1) = (
-            _mm512_set1_ps(scores[2 * n]),
-            _mm512_set1_ps(scores[2 * n + 1]),
-        );
-        let (v0, v1) = (v.as_ptr().add(pair[0]), v.as_ptr().add(pair[1]));
+    out.fill(0.0);
+    let o = out.as_mut_ptr();
+    for (p, &off) in offsets.iter().enumerate() {
+        let vp = v.as_ptr().add(off);
+        for h in 0..heads {
+            let w = _mm512_set1_ps(*scores.get_unchecked(h * padded + p));
+            for j in 0..CH {
+                let at = o.add(h * dim + 16 * j);
+                let acc =
+                    _mm512_fmadd_ps(w, T::load16(vp.add(h * dim + 16 * j)), _mm512_loadu_ps(at));
+                _mm512_storeu_ps(at, acc);
+            }
+        }
+    }
+    for (h, &inv_h) in inv.iter().enumerate() {
+        let iv = _mm512_set1_ps(inv_h);
         for j in 0..CH {
-            even[j] = _mm512_fmadd_ps(p0, T::load16(v0.add(16 * j)), even[j]);
-            odd[j] = _mm512_fmadd_ps(p1, T::load16(v1.add(16 * j)), odd[j]);
+            let at = o.add(h * dim + 16 * j);
+            _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), iv));
         }
     }
-    if let [last] = pairs.remainder() {
-        let p = _mm512_set1_ps(scores[ctx - 1]);
-        let vp = v.as_ptr().add(*last);
-        for (j, e) in even.iter_mut().enumerate() {
-            *e = _mm512_fmadd_ps(p, T::load16(vp.add(16 * j)), *e);
-        }
-    }
-    for j in 0..CH {
-        let a = _mm512_add_ps(even[j], odd[j]);
-        _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), _mm512_mul_ps(a, inv));
+}
+
+/// A mask of the first `n` lanes (all 16 when `n >= 16`).
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
     }
 }

@@ -248,9 +248,10 @@ impl Engine {
             })?,
         };
         let started = std::time::Instant::now();
-        let kv_dtype = opts
-            .kv_cache_dtype
-            .resolve(opts.precision, opts.precision.activation_dtype(source.native_dtype()?));
+        let kv_dtype = opts.kv_cache_dtype.resolve(
+            opts.precision,
+            opts.precision.activation_dtype(source.native_dtype()?),
+        );
         let model = GptjModel::load(config, source, opts.precision, kv_dtype, &device)?;
         let dtype = kv_dtype;
         let per_block =

@@ -15,6 +15,7 @@ mod engine;
 pub mod error;
 mod gemv;
 pub mod hub;
+mod hugepages;
 mod model;
 mod packed;
 mod paged;

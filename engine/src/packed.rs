@@ -227,7 +227,7 @@ fn pack_float<T: Copy + Default>(
     conv: impl Fn(f32) -> T,
 ) -> Vec<T> {
     let groups = out_dim.div_ceil(LANES);
-    let mut p = vec![T::default(); groups * in_dim * LANES];
+    let mut p = crate::hugepages::filled_vec(T::default(), groups * in_dim * LANES);
     for n in 0..out_dim {
         let (g, lane) = (n / LANES, n % LANES);
         for (k, &v) in w[n * in_dim..(n + 1) * in_dim].iter().enumerate() {
@@ -243,7 +243,7 @@ fn pack_q8(w: &[f32], out_dim: usize, in_dim: usize) -> (Vec<u8>, Vec<f16>) {
     let groups = out_dim.div_ceil(LANES);
     let blocks = in_dim / QBLOCK;
     // Padding columns are zero weights: quant 0 (stored 128) with scale 0.
-    let mut quants = vec![128u8; groups * blocks * QBLOCK * LANES];
+    let mut quants = crate::hugepages::filled_vec(128u8, groups * blocks * QBLOCK * LANES);
     let mut scales = vec![f16::ZERO; groups * blocks * LANES];
     for n in 0..out_dim {
         let (g, lane) = (n / LANES, n % LANES);

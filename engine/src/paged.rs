@@ -167,9 +167,14 @@ impl KvPool {
                 "a KV pool needs at least one block of at least one slot (got {num_blocks} blocks of {block_size})"
             )));
         }
-        let shape = (2, num_blocks, block_size, n_head, head_dim);
         let layers = (0..n_layer)
-            .map(|_| Tensor::zeros(shape, dtype, device))
+            .map(|_| {
+                crate::hugepages::zeros(
+                    &[2, num_blocks, block_size, n_head, head_dim],
+                    dtype,
+                    device,
+                )
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             layers,
@@ -419,44 +424,58 @@ impl PagedAttention {
         heads: usize,
         dim: usize,
     ) -> Option<Vec<T>> {
-        use crate::avx512::{attend_head, AttendScratch, HeadView};
+        use crate::avx512::{attend_heads, AttendScratch, HeadsView};
         type Kernel<T> = unsafe fn(
             &[f32],
             &[T],
             &[T],
             usize,
-            &HeadView<'_>,
+            &HeadsView<'_>,
             f32,
             &mut AttendScratch,
             &mut [f32],
         );
         let kernel: Kernel<T> = match dim {
-            16 => attend_head::<1, T>,
-            32 => attend_head::<2, T>,
-            64 => attend_head::<4, T>,
-            128 => attend_head::<8, T>,
-            256 => attend_head::<16, T>,
+            16 => attend_heads::<1, T>,
+            32 => attend_heads::<2, T>,
+            64 => attend_heads::<4, T>,
+            128 => attend_heads::<8, T>,
+            256 => attend_heads::<16, T>,
             _ => return None,
         };
+        if heads > 64 {
+            return None;
+        }
         let width = heads * dim;
-        let items = self.step.num_tokens() * heads;
+        let tokens = self.step.num_tokens();
+        let pool = candle_core::utils::barrier_pool();
+        // Work items are runs of heads of one token: all heads when there are tokens enough to
+        // keep every thread busy, fewer (more items) for small batches.
+        let runs = ((pool.n_workers() + 1) * 4)
+            .div_ceil(tokens.max(1))
+            .clamp(1, heads);
+        let per_run = heads.div_ceil(runs);
+        let runs = heads.div_ceil(per_run);
         let block_size = self.step.block_size;
-        let mut out = vec![T::narrow(0.0); items * dim];
+        let mut out = vec![T::narrow(0.0); tokens * width];
         let out_ptr = SharedOut(out.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        pool.execute_chunked(tokens * runs, |range| {
             let mut scratch = AttendScratch::default();
-            let (mut qbuf, mut res) = (vec![0f32; dim], vec![0f32; dim]);
+            let (mut qbuf, mut res) = (vec![0f32; per_run * dim], vec![0f32; per_run * dim]);
             for i in range {
-                let (t, h) = (i / heads, i % heads);
-                let qf = T::as_f32(&q[i * dim..(i + 1) * dim], &mut qbuf);
-                let table = self.step.table_of(t);
-                let ctx = self.step.positions[t] as usize + 1;
-                let at = HeadView {
-                    table,
+                let (t, r) = (i / runs, i % runs);
+                let (h0, h1) = (r * per_run, ((r + 1) * per_run).min(heads));
+                let len = (h1 - h0) * dim;
+                let start = t * width + h0 * dim;
+                let qf = T::as_f32(&q[start..start + len], &mut qbuf);
+                let at = HeadsView {
+                    table: self.step.table_of(t),
                     block_size,
                     width,
-                    head: h * dim,
+                    first: h0 * dim,
+                    heads: h1 - h0,
                 };
+                let ctx = self.step.positions[t] as usize + 1;
                 // Safety: `available()` held; the step layout was checked against the pool's
                 // geometry when built, so every slot is inside the cache halves.
                 unsafe {
@@ -468,14 +487,14 @@ impl PagedAttention {
                         &at,
                         self.scale,
                         &mut scratch,
-                        &mut res,
+                        &mut res[..len],
                     );
                 }
-                // Safety: item `i` owns `out[i * dim..(i + 1) * dim]`; the buffer outlives
-                // the pool call.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * dim), dim) };
-                for (o, &r) in dst.iter_mut().zip(&res) {
-                    *o = T::narrow(r);
+                // Safety: item `i` owns `out[start..start + len]`; the buffer outlives the
+                // pool call.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(start), len) };
+                for (o, &x) in dst.iter_mut().zip(&res[..len]) {
+                    *o = T::narrow(x);
                 }
             }
         });
