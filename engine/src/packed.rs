@@ -183,7 +183,9 @@ impl PackedLinear {
     /// The product on f32 rows: `x` is `rows * in_dim`, the result `rows * out_dim`.
     fn run(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let stride = self.groups * LANES;
-        let mut out = vec![0f32; rows * stride];
+        // Every element is written by the first pass over the inputs before anything reads it,
+        // so the buffer is not zeroed first; its length is set once the kernels are done.
+        let mut out: Vec<f32> = Vec::with_capacity(rows * stride);
         let input = match &self.panels {
             Panels::Q8 { .. } => Input::Q8(QuantizedRows::new(x, rows, self.in_dim)),
             _ => Input::F32(x),
@@ -197,18 +199,26 @@ impl PackedLinear {
         };
         // candle's own pool (the calling thread plus spinning workers) rather than rayon's: the
         // element-wise ops between two products already run there, and two pools on the same
-        // cores take turns spinning instead of working.
+        // cores take turns spinning instead of working. Column groups are handed out in
+        // chunks from a shared cursor, so a thread that starts late or is preempted (by the
+        // HTTP server, say) does not hold the others up.
         let pool = candle_core::utils::barrier_pool();
-        let parts = (pool.n_workers() + 1).min(self.groups);
+        let parts = pool.n_workers() + 1;
         if parts <= 1 || rows * self.in_dim * self.out_dim < PARALLEL_MIN_MACS {
             job.columns(0, self.groups);
         } else {
-            let per = self.groups.div_ceil(parts);
-            pool.execute(|t| {
-                let g0 = (t * per).min(self.groups);
-                job.columns(g0, ((t + 1) * per).min(self.groups));
+            let tile = match self.panels {
+                Panels::Q8 { .. } => QC,
+                _ => FC,
+            };
+            let chunk = self.groups.div_ceil(parts * 8).next_multiple_of(tile);
+            pool.execute_chunked(self.groups.div_ceil(chunk), |range| {
+                let g0 = range.start * chunk;
+                job.columns(g0, (range.end * chunk).min(self.groups));
             });
         }
+        // Safety: `columns` wrote all `rows * stride` elements.
+        unsafe { out.set_len(rows * stride) };
         if stride != self.out_dim {
             for r in 0..rows {
                 out.copy_within(r * stride..r * stride + self.out_dim, r * self.out_dim);
