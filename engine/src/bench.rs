@@ -205,3 +205,24 @@ pub fn streaming_matmul_for_bench(
 ) -> crate::Result<candle_core::Tensor> {
     crate::gemv::streaming_matmul(x, w)
 }
+
+/// A linear layer on the packed CPU kernels (`packed.rs`), exposed for
+/// `examples/packed_ab.rs` (not a stable API). `None` where the CPU lacks AVX-512 VNNI.
+#[doc(hidden)]
+pub fn packed_linear_for_bench(
+    weight: &candle_core::Tensor,
+    precision: Precision,
+) -> crate::Result<Option<impl Fn(&candle_core::Tensor) -> crate::Result<candle_core::Tensor>>> {
+    use crate::packed::{available, PackedKind, PackedLinear};
+    if !available() {
+        return Ok(None);
+    }
+    let kind = match precision {
+        Precision::Q8_0 => PackedKind::Q8_0,
+        Precision::F16 => PackedKind::F16,
+        Precision::Bf16 => PackedKind::Bf16,
+        Precision::F32 | Precision::Native => PackedKind::F32,
+    };
+    let lin = PackedLinear::new(weight, None, kind)?;
+    Ok(Some(move |x: &candle_core::Tensor| lin.forward(x)))
+}
