@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Re-takes the numbers in docs/benchmarks.md for the `small` GPT-J shape on this CPU.
 #   bench/run-docs-benchmarks.sh [OUT_DIR] [SECTIONS...]     (default bench-out/, all sections)
-# Sections: machine serving mixed prefix prefix-alone hf-decode table table-f32
+# Sections: machine concurrent serving mixed prefix prefix-alone hf-decode table table-f32
 # Run it on a quiet machine: every other busy process slows a 2-core run many times over.
 # Needs `cargo build --release` and the torch venv (scripts/hf-peer.sh makes it on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench-out}"
 shift || true
-SECTIONS="${*:-machine serving mixed prefix prefix-alone hf-decode table table-f32}"
+SECTIONS="${*:-machine concurrent serving mixed prefix prefix-alone hf-decode table table-f32}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)" # absolute: `cargo bench` runs in bench/
 GPTJ="${GPTJ_BIN:-target/release/gptj}"
@@ -28,10 +28,13 @@ wait_ready() {
     return 1
 }
 
-# load NAME: 64 requests of 128 prompt + 128 output tokens, Poisson arrivals, KServe V1 predict.
+# load NAME SEED: 64 requests of 128 prompt + 128 output tokens, KServe V1 predict; Poisson
+# arrivals at $RATE/s, or with ARRIVALS=closed, 64 clients at once (closed loop).
 load() {
     log "load $1"
-    "$GPTJ" load --url "$URL" --protocol v1 --requests "$REQUESTS" --rate "$RATE" --seed "$2" \
+    local arrivals=(--rate "$RATE")
+    [ "${ARRIVALS:-poisson}" = closed ] && arrivals=(--concurrency 64)
+    "$GPTJ" load --url "$URL" --protocol v1 --requests "$REQUESTS" "${arrivals[@]}" --seed "$2" \
         --prompt-tokens 128 --output-tokens 128 --duration 30m --json "$OUT/serving-$1.json" \
         | tee "$OUT/serving-$1.txt"
 }
@@ -62,6 +65,21 @@ for section in $SECTIONS; do
         { uptime; lscpu; free -g; git log -1 --oneline; git status --short engine scheduler server; } >"$OUT/machine.txt"
         cargo bench -p gptj-bench --bench serving -- --bandwidth-only | tee -a "$OUT/machine.txt"
         ;;
+    concurrent)
+        # The issue's aim: 64 concurrent clients (closed loop), each 128 prompt + 128 new
+        # tokens, against gptj (continuous and static, q8_0 and f32) and HF transformers (static
+        # batches of up to 16, and sequential once: it takes ~6 minutes alone).
+        for r in $(seq 1 "$REPEATS"); do
+            ARRIVALS=closed gptj_server "closed-continuous-q8_0-$r" "$r" --precision q8_0 --scheduler continuous
+            ARRIVALS=closed gptj_server "closed-static-q8_0-$r" "$r" --precision q8_0 --scheduler static
+            ARRIVALS=closed gptj_server "closed-continuous-f32-$r" "$r" --precision f32 --scheduler continuous
+            ARRIVALS=closed gptj_server "closed-static-f32-$r" "$r" --precision f32 --scheduler static
+            ARRIVALS=closed hf_server "closed-hf-static16-$r" "$r" 16
+            if [ "$r" = 1 ]; then
+                ARRIVALS=closed hf_server "closed-hf-sequential-$r" "$r" 1
+            fi
+        done
+        ;;
     serving)
         # (b) The same Poisson load against gptj (continuous and static batching, q8_0 and
         # f32) and HF transformers (static batches of up to 16, and sequential), in turn.
@@ -71,8 +89,9 @@ for section in $SECTIONS; do
             gptj_server "continuous-f32-$r" "$r" --precision f32 --scheduler continuous
             gptj_server "static-f32-$r" "$r" --precision f32 --scheduler static
             hf_server "hf-static16-$r" "$r" 16
-            # The sequential server takes ~4x longer than the rest together: once unless asked.
-            if [ "$r" = 1 ] || [ -n "${HF_SEQUENTIAL_EVERY_REPEAT:-}" ]; then
+            # The sequential server takes ~4x longer than the rest together: once unless asked,
+            # never with SKIP_SEQUENTIAL=1 (the `concurrent` section measures it too).
+            if [ -z "${SKIP_SEQUENTIAL:-}" ] && { [ "$r" = 1 ] || [ -n "${HF_SEQUENTIAL_EVERY_REPEAT:-}" ]; }; then
                 hf_server "hf-sequential-$r" "$r" 1
             fi
         done

@@ -1,4 +1,4 @@
-"""Medians over repeats of the `serving` section of bench/run-docs-benchmarks.sh.
+"""Medians over repeats of the `serving` and `concurrent` sections of bench/run-docs-benchmarks.sh.
 
     python3 bench/summarize-serving.py [OUT_DIR]      (default bench-out)
 
@@ -37,10 +37,19 @@ for name in runs:
           f"| {sum(sum(r['errors'].values()) + r['incomplete'] for r in runs[name].values())} |")
 
 print()
-gptj = [n for n in runs if not n.startswith("hf-")]
-hf = [n for n in runs if n.startswith("hf-")]
+gptj = [n for n in runs if "hf-" not in n]
+hf = [n for n in runs if "hf-" in n]
+
+
+def family(name):
+    """`closed-*` settings (the `concurrent` section) pair only with each other."""
+    return name.startswith("closed-")
+
+
 for g in gptj:
     for h in hf:
+        if family(g) != family(h):
+            continue
         ratios = [runs[g][i]["output_tokens_per_s"] / runs[h][i]["output_tokens_per_s"]
                   for i in runs[g] if i in runs[h]]
         p99 = [runs[g][i]["latency"]["e2e_ms"]["p99"] / runs[h][i]["latency"]["e2e_ms"]["p99"]

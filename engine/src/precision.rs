@@ -122,3 +122,34 @@ impl fmt::Display for KvCacheDtype {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_dtype_resolves_and_parses() {
+        assert_eq!(
+            KvCacheDtype::Auto.resolve(Precision::Q8_0, DType::F32),
+            DType::F16
+        );
+        assert_eq!(
+            KvCacheDtype::Auto.resolve(Precision::F32, DType::F32),
+            DType::F32
+        );
+        assert_eq!(
+            KvCacheDtype::Auto.resolve(Precision::Bf16, DType::BF16),
+            DType::BF16
+        );
+        assert_eq!(
+            KvCacheDtype::F32.resolve(Precision::Q8_0, DType::F32),
+            DType::F32
+        );
+        for s in ["auto", "f32", "fp16", "BF16"] {
+            let d: KvCacheDtype = s.parse().unwrap();
+            assert_eq!(d.to_string().parse::<KvCacheDtype>(), Ok(d));
+        }
+        let err = "int4".parse::<KvCacheDtype>().unwrap_err();
+        assert!(err.contains("int4") && err.contains("auto"), "{err}");
+    }
+}
