@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Re-takes the numbers in docs/benchmarks.md for the `small` GPT-J shape on this CPU.
 #   bench/run-docs-benchmarks.sh [OUT_DIR] [SECTIONS...]     (default bench-out/, all sections)
-# Sections: machine concurrent serving mixed prefix prefix-alone hf-decode table table-f32
+# Sections: machine concurrent sustained serving mixed prefix prefix-alone hf-decode
+#           hf-decode-large table table-f32
 # Run it on a quiet machine: every other busy process slows a 2-core run many times over.
 # Needs `cargo build --release` and the torch venv (scripts/hf-peer.sh makes it on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench-out}"
 shift || true
-SECTIONS="${*:-machine concurrent serving mixed prefix prefix-alone hf-decode table table-f32}"
+SECTIONS="${*:-machine concurrent sustained serving mixed prefix prefix-alone hf-decode hf-decode-large table table-f32}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)" # absolute: `cargo bench` runs in bench/
 GPTJ="${GPTJ_BIN:-target/release/gptj}"
@@ -80,6 +81,12 @@ for section in $SECTIONS; do
             fi
         done
         ;;
+    sustained)
+        # The same 64 clients kept busy for 192 requests (three waves), once each.
+        REQUESTS=192 ARRIVALS=closed gptj_server "sustained-continuous-q8_0-1" 1 --precision q8_0
+        REQUESTS=192 ARRIVALS=closed gptj_server "sustained-continuous-f32-1" 1 --precision f32
+        REQUESTS=192 ARRIVALS=closed hf_server "sustained-hf-static16-1" 1 16
+        ;;
     serving)
         # (b) The same Poisson load against gptj (continuous and static batching, q8_0 and
         # f32) and HF transformers (static batches of up to 16, and sequential), in turn.
@@ -123,6 +130,12 @@ for section in $SECTIONS; do
         log hf-decode
         scripts/hf-peer.sh --model small decode --batches 1,4,16 --repeats "$REPEATS" \
             --json "$OUT/hf-decode.json" | tee "$OUT/hf-decode.txt"
+        ;;
+    hf-decode-large)
+        # HF's static batches beyond 16, once (batch 64 takes ~45 s per repeat).
+        log hf-decode-large
+        scripts/hf-peer.sh --model small decode --batches 32,64 --repeats 1 \
+            --json "$OUT/hf-decode-large.json" | tee "$OUT/hf-decode-large.txt"
         ;;
     table)
         # (a) The seed's table: batch 1..8, sequence lengths 128..512.

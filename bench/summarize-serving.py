@@ -42,8 +42,10 @@ hf = [n for n in runs if "hf-" in n]
 
 
 def family(name):
-    """`closed-*` settings (the `concurrent` section) pair only with each other."""
-    return name.startswith("closed-")
+    """Settings pair only within one load: `closed-*` (the `concurrent` section), `sustained-*`
+    (the same for longer) or the Poisson `serving` section (no prefix)."""
+    head = name.split("-")[0]
+    return head if head in ("closed", "sustained") else ""
 
 
 for g in gptj:

@@ -216,6 +216,9 @@ def cmd_serve(args):
     jobs = queue.Queue()
     generate(model, tok(["warm up"], return_tensors="pt")["input_ids"], None, 2)
     threading.Thread(target=worker, args=(model, tok, jobs, args.max_batch, 2048), daemon=True).start()
+    # socketserver's default listen backlog is 5: 64 clients connecting at once overflow it and
+    # some connections fail. Take them all, as the gptj server does.
+    ThreadingHTTPServer.request_queue_size = 1024
     server = ThreadingHTTPServer((args.host, args.port), make_handler(args.model_name, tok, jobs, 2048))
     server.daemon_threads = True
     print(f"hf_peer: serving {args.model} on http://{args.host}:{args.port} "
