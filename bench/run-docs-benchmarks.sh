@@ -86,6 +86,7 @@ for section in $SECTIONS; do
         REQUESTS=192 ARRIVALS=closed gptj_server "sustained-continuous-q8_0-1" 1 --precision q8_0
         REQUESTS=192 ARRIVALS=closed gptj_server "sustained-continuous-f32-1" 1 --precision f32
         REQUESTS=192 ARRIVALS=closed hf_server "sustained-hf-static16-1" 1 16
+        REQUESTS=192 ARRIVALS=closed hf_server "sustained-hf-static64-1" 1 64
         ;;
     serving)
         # (b) The same Poisson load against gptj (continuous and static batching, q8_0 and
