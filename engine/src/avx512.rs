@@ -374,10 +374,14 @@ pub(crate) unsafe fn attend_heads<const CH: usize, T: Widen16>(
     } = scratch;
     at.offsets(ctx, offsets);
     let padded = ctx.next_multiple_of(16);
-    scores.clear();
-    scores.resize(heads * padded, 0.0);
-    parts.clear();
-    parts.resize(heads * 16 * 16, 0.0);
+    // Scratch only grows: every element read below is written first in this call (scores
+    // by whole groups of 16, parts for each position of the group), so nothing is zeroed.
+    if scores.len() < heads * padded {
+        scores.resize(heads * padded, 0.0);
+    }
+    if parts.len() < heads * 16 * 16 {
+        parts.resize(heads * 16 * 16, 0.0);
+    }
     let scale_v = _mm512_set1_ps(scale);
     for (g, group) in offsets.chunks(16).enumerate() {
         for (s, &off) in group.iter().enumerate() {

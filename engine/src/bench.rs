@@ -207,7 +207,8 @@ pub fn streaming_matmul_for_bench(
 }
 
 /// A linear layer on the packed CPU kernels (`packed.rs`), exposed for
-/// `examples/packed_ab.rs` (not a stable API). `None` where the CPU lacks AVX-512 VNNI.
+/// `examples/packed_ab.rs` (not a stable API). `None` where the CPU lacks AVX-512 VNNI or
+/// the packed kernels have no form for this precision and shape.
 #[doc(hidden)]
 pub fn packed_linear_for_bench(
     weight: &candle_core::Tensor,
@@ -217,11 +218,9 @@ pub fn packed_linear_for_bench(
     if !available() {
         return Ok(None);
     }
-    let kind = match precision {
-        Precision::Q8_0 => PackedKind::Q8_0,
-        Precision::F16 => PackedKind::F16,
-        Precision::Bf16 => PackedKind::Bf16,
-        Precision::F32 | Precision::Native => PackedKind::F32,
+    let act = precision.activation_dtype(candle_core::DType::F32);
+    let Some(kind) = PackedKind::choose(precision, act, weight.dim(1)?) else {
+        return Ok(None);
     };
     let lin = PackedLinear::new(weight, None, kind)?;
     Ok(Some(move |x: &candle_core::Tensor| lin.forward(x)))

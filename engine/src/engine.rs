@@ -248,12 +248,8 @@ impl Engine {
             })?,
         };
         let started = std::time::Instant::now();
-        let kv_dtype = opts.kv_cache_dtype.resolve(
-            opts.precision,
-            opts.precision.activation_dtype(source.native_dtype()?),
-        );
-        let model = GptjModel::load(config, source, opts.precision, kv_dtype, &device)?;
-        let dtype = kv_dtype;
+        let model = GptjModel::load(config, source, opts.precision, opts.kv_cache_dtype, &device)?;
+        let dtype = model.kv_dtype();
         let per_block =
             KvPool::bytes_per_block(config.n_layer, config.n_embd, opts.block_size.max(1), dtype)
                 as u64;

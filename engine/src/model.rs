@@ -18,7 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::gemv;
 use crate::packed::{self, PackedKind, PackedLinear};
 use crate::paged::{paged_attention, write_kv, KvPool, StepLayout};
-use crate::precision::Precision;
+use crate::precision::{KvCacheDtype, Precision};
 use crate::weights::WeightSource;
 
 /// A linear layer `y = x W^T + b`.
@@ -66,15 +66,7 @@ impl Linear {
             .transpose()?;
         let in_dim = weight.dim(1)?;
         if device.is_cpu() && packed::available() {
-            let kind = match (precision, act) {
-                (Precision::Q8_0, _) if in_dim % packed::QBLOCK == 0 => Some(PackedKind::Q8_0),
-                (Precision::Q8_0, _) => None,
-                (_, DType::F32) => Some(PackedKind::F32),
-                (_, DType::F16) => Some(PackedKind::F16),
-                (_, DType::BF16) => Some(PackedKind::Bf16),
-                _ => None,
-            };
-            if let Some(kind) = kind {
+            if let Some(kind) = PackedKind::choose(precision, act, in_dim) {
                 return Ok(Self::Packed(PackedLinear::new(
                     &weight,
                     bias.as_ref(),
@@ -133,10 +125,10 @@ impl Linear {
         }
     }
 
-    /// `gelu_new(forward(x))`.
+    /// `gelu_new(forward(x))`, fused where `with_gelu` could fuse it.
     fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Packed(p) => p.forward(x),
+            Self::Packed(p) if p.has_gelu() => p.forward(x),
             _ => Ok(self.forward(x)?.gelu()?),
         }
     }
@@ -164,7 +156,7 @@ impl Linear {
                 (if one_row { y.narrow(0, 0, 1)? } else { y }, bias)
             }
             Self::Streaming { weight, bias } => (gemv::streaming_matmul(x, weight)?, bias),
-            // The bias is added inside the kernel.
+            // The bias is added inside the kernel (and GELU, for a layer built `with_gelu`).
             Self::Packed(p) => return p.forward(x),
             Self::Quantized { weight, bias, .. } => (weight.forward(x)?, bias),
         };
@@ -227,10 +219,11 @@ impl GptjModel {
         config: &GptjConfig,
         source: &WeightSource,
         precision: Precision,
-        kv_dtype: DType,
+        kv_cache: KvCacheDtype,
         device: &Device,
     ) -> Result<Self> {
         let act = precision.activation_dtype(source.native_dtype()?);
+        let kv_dtype = kv_cache.resolve(precision, act);
         let (e, i, v) = (config.n_embd, config.inner_dim(), config.vocab_size);
         let dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
             Ok(source.get(name, shape)?.to_dtype(act)?.to_device(device)?)
@@ -392,9 +385,9 @@ impl GptjModel {
                 .contiguous()?
                 .reshape((n, heads, head_dim))?;
             let cache = kv.layer(l);
-            let kv_dt = self.kv_dtype;
-            write_kv(cache, &k.to_dtype(kv_dt)?, &v.to_dtype(kv_dt)?, step)?;
-            let attn = paged_attention(&q.to_dtype(kv_dt)?, cache, step, scale)?
+            let kv_dtype = self.kv_dtype;
+            write_kv(cache, &k.to_dtype(kv_dtype)?, &v.to_dtype(kv_dtype)?, step)?;
+            let attn = paged_attention(&q.to_dtype(kv_dtype)?, cache, step, scale)?
                 .to_dtype(self.act_dtype)?
                 .reshape((n, e))?;
             let a = block.out_proj.forward(&attn)?;

@@ -31,6 +31,8 @@ use half::{bf16, f16};
 #[cfg(target_arch = "x86_64")]
 use crate::avx512;
 use crate::error::Result;
+use crate::precision::Precision;
+use crate::simd::{Elem, SharedOut};
 
 /// Output columns per panel: one 512-bit register of f32.
 pub(crate) const LANES: usize = 16;
@@ -111,6 +113,21 @@ pub(crate) enum PackedKind {
     Q8_0,
 }
 
+impl PackedKind {
+    /// The packing for a layer of `in_dim` inputs under `precision` with activations `act`;
+    /// `None` where the packed kernels have none (q8_0 needs `in_dim` divisible by 32).
+    pub(crate) fn choose(precision: Precision, act: DType, in_dim: usize) -> Option<Self> {
+        match (precision, act) {
+            (Precision::Q8_0, _) if in_dim.is_multiple_of(QBLOCK) => Some(Self::Q8_0),
+            (Precision::Q8_0, _) => None,
+            (_, DType::F32) => Some(Self::F32),
+            (_, DType::F16) => Some(Self::F16),
+            (_, DType::BF16) => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+}
+
 impl PackedLinear {
     /// Packs `weight` (`(out, in)`, any float dtype, on the CPU) as `kind`. q8_0 needs `in` to
     /// be a multiple of 32.
@@ -157,6 +174,11 @@ impl PackedLinear {
         Self { gelu: true, ..self }
     }
 
+    /// Whether `forward` applies `gelu_new` to its outputs.
+    pub(crate) fn has_gelu(&self) -> bool {
+        self.gelu
+    }
+
     fn dtype_name(&self) -> &'static str {
         match self.panels {
             Panels::F32(_) => "f32",
@@ -195,7 +217,7 @@ impl PackedLinear {
             lin: self,
             input: &input,
             rows,
-            out: OutPtr(out.as_mut_ptr()),
+            out: SharedOut::new(out.as_mut_ptr()),
             stride,
         };
         // candle's own pool (the calling thread plus spinning workers) rather than rayon's: the
@@ -227,6 +249,15 @@ impl PackedLinear {
             out.truncate(rows * self.out_dim);
         }
         out
+    }
+}
+
+impl PackedLinear {
+    /// `run` for f16/bf16 activations: widened to f32 on the way in, narrowed on the way out.
+    fn run_narrow<T: Elem>(&self, x: &[T], rows: usize) -> Vec<T> {
+        let mut xf = vec![0f32; x.len()];
+        let xf = T::as_f32(x, &mut xf);
+        self.run(xf, rows).into_iter().map(T::narrow).collect()
     }
 }
 
@@ -311,25 +342,19 @@ enum Input<'a> {
     Q8(QuantizedRows),
 }
 
-/// The output buffer, shared by threads that write disjoint column groups.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// Safety: threads write disjoint column ranges of the buffer (see `Job::columns`), and the
-// buffer outlives the parallel section.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// One product, split by column groups between threads.
 struct Job<'a> {
     lin: &'a PackedLinear,
     input: &'a Input<'a>,
     rows: usize,
-    out: OutPtr,
+    /// Threads write disjoint column groups of it (see `columns`).
+    out: SharedOut<f32>,
     /// Row stride of `out`: `groups * LANES`.
     stride: usize,
 }
 
-/// Rows per tile in the float kernel, and column groups per tile.
+/// Rows per tile in the float kernel, and column groups per tile (`tile` instantiates every
+/// shape up to these).
 const FR: usize = 6;
 const FC: usize = 4;
 /// The same for the q8_0 kernel, which holds an integer and a float accumulator per output.
@@ -360,11 +385,12 @@ impl Job<'_> {
                 }
                 k0 = k1;
             }
+            #[cfg(target_arch = "x86_64")]
             if self.lin.gelu {
                 for r in 0..self.rows {
                     // Safety: row `r`, groups `g..g + c` are this thread's part of `out`.
                     unsafe {
-                        let p = self.out.0.add(r * self.stride + g * LANES);
+                        let p = self.out.at(r * self.stride + g * LANES);
                         avx512::gelu_new(std::slice::from_raw_parts_mut(p, c * LANES));
                     }
                 }
@@ -379,45 +405,42 @@ impl Job<'_> {
     /// The CPU has the features in `cpu_supports`; `r + nr <= rows`, `g + nc <= groups`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile(&self, r: usize, nr: usize, g: usize, nc: usize, k0: usize, k1: usize) {
-        macro_rules! dispatch {
-            ($kernel:ident, $panels:expr, $($rr:literal),+ ; $($cc:literal),+) => {
-                dispatch!(@rows $kernel, $panels, nr, nc, [$($rr),+], [$($cc),+])
-            };
-            (@rows $kernel:ident, $panels:expr, $nr:ident, $nc:ident, [$($rr:literal),+], $cs:tt) => {
-                match $nr {
-                    $($rr => dispatch!(@cols $kernel, $panels, $rr, $nc, $cs),)+
+        /// `$call!(R, C)` for the tile's `nr` x `nc`, from the listed shapes.
+        macro_rules! by_shape {
+            ($call:ident; [$($rr:literal),+]; $cs:tt) => {
+                match nr {
+                    $($rr => by_shape!(@cols $call; $rr; $cs),)+
                     _ => unreachable!("tile rows"),
                 }
             };
-            (@cols $kernel:ident, $panels:expr, $rr:literal, $nc:ident, [$($cc:literal),+]) => {
-                match $nc {
-                    $($cc => avx512::$kernel::<$rr, $cc, _>(self.view($panels, r, g, k0, k1)),)+
+            (@cols $call:ident; $rr:literal; [$($cc:literal),+]) => {
+                match nc {
+                    $($cc => $call!($rr, $cc),)+
                     _ => unreachable!("tile columns"),
                 }
             };
         }
-        macro_rules! dispatch_q8 {
-            ($($rr:literal),+ ; $($cc:literal),+) => {
-                dispatch_q8!(@rows [$($rr),+], [$($cc),+])
-            };
-            (@rows [$($rr:literal),+], $cs:tt) => {
-                match nr {
-                    $($rr => dispatch_q8!(@cols $rr, $cs),)+
-                    _ => unreachable!("tile rows"),
+        macro_rules! float {
+            ($p:expr) => {{
+                let view = self.view($p, r, g, k0, k1);
+                macro_rules! call {
+                    ($rr:literal, $cc:literal) => {
+                        avx512::float_tile::<$rr, $cc, _>(view)
+                    };
                 }
-            };
-            (@cols $rr:literal, [$($cc:literal),+]) => {
-                match nc {
-                    $($cc => avx512::q8_tile::<$rr, $cc>(self.q8_view(r, g, k0, k1)),)+
-                    _ => unreachable!("tile columns"),
-                }
+                by_shape!(call; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
+            }};
+        }
+        macro_rules! q8 {
+            ($rr:literal, $cc:literal) => {
+                avx512::q8_tile::<$rr, $cc>(self.q8_view(r, g, k0, k1))
             };
         }
         match &self.lin.panels {
-            Panels::F32(p) => dispatch!(float_tile, p.as_slice(), 1, 2, 3, 4, 5, 6; 1, 2, 3, 4),
-            Panels::F16(p) => dispatch!(float_tile, p.as_slice(), 1, 2, 3, 4, 5, 6; 1, 2, 3, 4),
-            Panels::Bf16(p) => dispatch!(float_tile, p.as_slice(), 1, 2, 3, 4, 5, 6; 1, 2, 3, 4),
-            Panels::Q8 { .. } => dispatch_q8!(1, 2, 3, 4; 1, 2, 3),
+            Panels::F32(p) => float!(p.as_slice()),
+            Panels::F16(p) => float!(p.as_slice()),
+            Panels::Bf16(p) => float!(p.as_slice()),
+            Panels::Q8 { .. } => by_shape!(q8; [1, 2, 3, 4]; [1, 2, 3]),
         }
     }
 
@@ -447,7 +470,7 @@ impl Job<'_> {
             w_stride: k * LANES,
             len: k1 - k0,
             // Safety (of the offset): `r < rows` and `g < groups`, inside the buffer.
-            out: unsafe { self.out.0.add(r * self.stride + g * LANES) },
+            out: unsafe { self.out.at(r * self.stride + g * LANES) },
             out_stride: self.stride,
             bias: self.start(g, k0),
         }
@@ -472,7 +495,7 @@ impl Job<'_> {
             w_group_blocks: blocks,
             blocks: b1 - b0,
             // Safety (of the offset): `r < rows` and `g < groups`, inside the buffer.
-            out: unsafe { self.out.0.add(r * self.stride + g * LANES) },
+            out: unsafe { self.out.at(r * self.stride + g * LANES) },
             out_stride: self.stride,
             bias: self.start(g, k0),
         }
@@ -509,18 +532,14 @@ impl CustomOp1 for PackedLinear {
         let shape = Shape::from((rows, self.out_dim));
         Ok(match s {
             CpuStorage::F32(x) => (CpuStorage::F32(self.run(&x[start..end], rows)), shape),
-            CpuStorage::F16(x) => {
-                let mut xf = vec![0f32; end - start];
-                crate::simd::widen_f16(&x[start..end], &mut xf);
-                let y = self.run(&xf, rows).into_iter().map(f16::from_f32);
-                (CpuStorage::F16(y.collect()), shape)
-            }
-            CpuStorage::BF16(x) => {
-                let mut xf = vec![0f32; end - start];
-                crate::simd::widen_bf16(&x[start..end], &mut xf);
-                let y = self.run(&xf, rows).into_iter().map(bf16::from_f32);
-                (CpuStorage::BF16(y.collect()), shape)
-            }
+            CpuStorage::F16(x) => (
+                CpuStorage::F16(self.run_narrow(&x[start..end], rows)),
+                shape,
+            ),
+            CpuStorage::BF16(x) => (
+                CpuStorage::BF16(self.run_narrow(&x[start..end], rows)),
+                shape,
+            ),
             other => {
                 use candle_core::backend::BackendStorage;
                 candle_core::bail!("packed linear: unsupported input dtype {:?}", other.dtype())

@@ -458,7 +458,7 @@ impl PagedAttention {
         let runs = heads.div_ceil(per_run);
         let block_size = self.step.block_size;
         let mut out = vec![T::narrow(0.0); tokens * width];
-        let out_ptr = SharedOut(out.as_mut_ptr());
+        let out_ptr = crate::simd::SharedOut::new(out.as_mut_ptr());
         pool.execute_chunked(tokens * runs, |range| {
             let mut scratch = AttendScratch::default();
             let (mut qbuf, mut res) = (vec![0f32; per_run * dim], vec![0f32; per_run * dim]);
@@ -499,20 +499,6 @@ impl PagedAttention {
             }
         });
         Some(out)
-    }
-}
-
-/// The attention output, shared by the pool's threads, which write disjoint heads.
-struct SharedOut<T>(*mut T);
-// Safety: see `attend_avx512`: disjoint writes into a buffer that outlives them.
-unsafe impl<T> Send for SharedOut<T> {}
-unsafe impl<T> Sync for SharedOut<T> {}
-
-impl<T> SharedOut<T> {
-    /// # Safety
-    /// `offset` is inside the buffer.
-    unsafe fn at(&self, offset: usize) -> *mut T {
-        self.0.add(offset)
     }
 }
 

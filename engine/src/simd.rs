@@ -12,6 +12,26 @@ pub(crate) trait Lanes16 {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<T> Lanes16 for T {}
 
+/// An output buffer the pool's threads write in disjoint parts (the packed products' column
+/// groups, attention's heads): a raw pointer, because the parts are not contiguous slices.
+pub(crate) struct SharedOut<T>(*mut T);
+// Safety: its users write disjoint elements only, into a buffer that outlives the parallel
+// section (see `packed::Job::columns` and `paged::PagedAttention::attend_avx512`).
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    pub(crate) fn new(ptr: *mut T) -> Self {
+        Self(ptr)
+    }
+
+    /// # Safety
+    /// `offset` is inside the buffer.
+    pub(crate) unsafe fn at(&self, offset: usize) -> *mut T {
+        self.0.add(offset)
+    }
+}
+
 /// Float types that are stored narrow and computed in f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static + Lanes16 {
     /// `src` as f32: `src` itself for f32, else widened into `buf`.

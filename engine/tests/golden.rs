@@ -113,3 +113,38 @@ fn bf16_and_q8_0_stay_close_to_f32() {
         }
     }
 }
+
+/// `--kv-cache-dtype`: f32 weights over an f16 cache stay within f16's error of HF's f32
+/// logits, and `auto` picks f16 under q8_0 and the activation dtype otherwise.
+#[test]
+fn kv_cache_dtype_is_honoured_and_f16_stays_close() {
+    use gptj_engine::{Engine, EngineOptions, KvCacheDtype};
+    let load_with = |precision, kv_cache_dtype| {
+        let opts = EngineOptions {
+            precision,
+            kv_cache_dtype,
+            block_size: 4,
+            kv_cache_memory: Some(8 << 20),
+            ..Default::default()
+        };
+        Engine::load_dir(&fixture_dir("rot_partial"), &opts).unwrap()
+    };
+    let f32_auto = load_with(Precision::F32, KvCacheDtype::Auto);
+    assert_eq!(f32_auto.kv_cache_dtype(), candle_core::DType::F32);
+    let q8_auto = load_with(Precision::Q8_0, KvCacheDtype::Auto);
+    assert_eq!(q8_auto.kv_cache_dtype(), candle_core::DType::F16);
+
+    let mut engine = load_with(Precision::F32, KvCacheDtype::F16);
+    assert_eq!(engine.kv_cache_dtype(), candle_core::DType::F16);
+    assert_eq!(engine.activation_dtype(), candle_core::DType::F32);
+    let expected = expected("rot_partial");
+    for (i, case) in expected.cases.iter().enumerate() {
+        let blocks = scattered_blocks(1, case.prompt_ids.len().div_ceil(4) + 1);
+        let (logits, _) = greedy_alone(&mut engine, &case.prompt_ids, 1, blocks);
+        let err = rel_err(&logits[0], &case.last_logits);
+        assert!(
+            err <= 1e-2,
+            "f16 cache case {i}: relative error {err} vs HF f32"
+        );
+    }
+}

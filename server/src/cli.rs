@@ -319,4 +319,27 @@ mod tests {
         assert!(parse_duration("5 fortnights").is_err());
         assert!(parse_duration("-1s").is_err());
     }
+
+    #[test]
+    fn kv_cache_dtype_flag_reaches_the_engine_options() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            m: ModelArgs,
+        }
+        let opts = |args: &[&str]| T::try_parse_from(args).map(|t| t.m.engine_options());
+        let base = ["t", "--model", "builtin:tiny"];
+        assert_eq!(
+            opts(&base).unwrap().kv_cache_dtype,
+            gptj_engine::KvCacheDtype::Auto
+        );
+        let with = |v: &'static str| [&base[..], &["--kv-cache-dtype", v]].concat();
+        assert_eq!(
+            opts(&with("fp16")).unwrap().kv_cache_dtype,
+            gptj_engine::KvCacheDtype::F16
+        );
+        let err = opts(&with("int4")).err().unwrap().to_string();
+        assert!(err.contains("int4"), "{err}");
+    }
 }
