@@ -71,9 +71,7 @@ fn parse_args() -> Result<Args, String> {
             "--repeats" => a.repeats = num(value()?)?,
             "--seed" => a.seed = num(value()?)? as u64,
             "--max-num-seqs" => a.max_num_seqs = num(value()?)?,
-            "--kv-cache-memory" => {
-                a.kv_cache_memory = gptj_server::cli::parse_byte_size(&value()?)?
-            }
+            "--kv-cache-memory" => a.kv_cache_memory = gptj_cli::parse_byte_size(&value()?)?,
             "--json" => a.json = Some(value()?),
             "--bandwidth-only" => {
                 let gbps = gptj_engine::bench::cpu_memory_bandwidth();

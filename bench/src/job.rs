@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use gptj_cli::{ModelArgs, SchedulerArgs};
 use gptj_engine::{Engine, ModelSpec};
 use gptj_scheduler::{FinishReason, JobEvent, JobRequest, JobStream, SchedulerHandle};
-use gptj_server::cli::{ModelArgs, SchedulerArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -302,7 +302,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             args.max_length
         );
     }
-    let config = gptj_server::config::scheduler_config(&args.scheduler);
+    let config = args.scheduler.config();
     let scheduler = format!("{:?}", config.kind).to_lowercase();
     let handle = gptj_scheduler::spawn(engine, config)?;
     let load_s = started.elapsed().as_secs_f64();

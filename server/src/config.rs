@@ -10,9 +10,41 @@ use std::time::Duration;
 
 use axum::http::HeaderName;
 
-use crate::auth::ApiKeys;
-use crate::cli::{SchedulerArgs, SchedulerKind, ServeArgs};
-use crate::params::Defaults;
+use crate::api_keys::{ApiKeys, BadApiKey};
+use crate::cli::ServeArgs;
+use crate::params::{Defaults, DefaultsError, Limits};
+
+/// A flag whose value the server cannot run with; the message names the flag.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `--model-name` would not fit in a URL path segment.
+    #[error("--model-name `{0}` must be non-empty and contain no `/`, `:`, `?`, `#` or spaces")]
+    ModelName(String),
+    /// `--tenant-header` is not a header name.
+    #[error("--tenant-header `{0}` is not a valid HTTP header name")]
+    TenantHeader(String),
+    /// An API key is unusable.
+    #[error(transparent)]
+    ApiKey(#[from] BadApiKey),
+    /// A generation default is out of range.
+    #[error(transparent)]
+    Defaults(#[from] DefaultsError),
+    /// A size or duration flag is out of range.
+    #[error("{flag} must be {what}")]
+    Range {
+        /// The flag.
+        flag: &'static str,
+        /// What it must be.
+        what: &'static str,
+    },
+    /// `--host` is not an IP address.
+    #[error("--host `{0}` is not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::)")]
+    Host(String),
+    /// `PORT` is not a port number.
+    #[error("the PORT environment variable `{0}` is not a port number")]
+    Port(String),
+}
 
 /// The port when neither `--port`/`GPTJ_PORT` nor `PORT` is set.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -43,25 +75,37 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The limits request parsing checks against.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_sequences: self.max_sequences_per_request,
+            max_prompts: self.max_instances,
+        }
+    }
+}
+
+impl ServerConfig {
     /// Checks the HTTP and generation flags.
-    pub fn from_args(args: &ServeArgs) -> Result<Self, String> {
+    pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let h = &args.http;
-        if h.model_name.is_empty() || h.model_name.contains(['/', ':', '?', '#', ' ']) {
-            return Err(format!(
-                "--model-name `{}` must be non-empty and contain no `/`, `:`, `?`, `#` or spaces",
-                h.model_name
-            ));
+        if h.model_name.is_empty() || h.model_name.contains(['/', ':', '?', '#', ' ', '%']) {
+            return Err(ConfigError::ModelName(h.model_name.clone()));
         }
         let tenant_header = HeaderName::try_from(h.tenant_header.as_str())
-            .map_err(|e| format!("--tenant-header `{}`: {e}", h.tenant_header))?;
+            .map_err(|_| ConfigError::TenantHeader(h.tenant_header.clone()))?;
         let api_keys = ApiKeys::new(&h.api_keys)?;
         let body_limit = usize::try_from(h.body_limit)
-            .map_err(|_| format!("--body-limit {} is too large", h.body_limit))?;
-        if body_limit == 0 {
-            return Err("--body-limit must be > 0".into());
-        }
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or(ConfigError::Range {
+                flag: "--body-limit",
+                what: "> 0 and addressable",
+            })?;
         if h.request_timeout.is_zero() {
-            return Err("--request-timeout must be > 0".into());
+            return Err(ConfigError::Range {
+                flag: "--request-timeout",
+                what: "> 0",
+            });
         }
         Ok(Self {
             model_name: h.model_name.clone(),
@@ -97,37 +141,21 @@ impl SpecName for gptj_engine::ModelSpec {
 }
 
 /// The address to listen on: `--host` and the first of `--port`/`GPTJ_PORT`, `PORT`, 8080.
-pub fn listen_addr(host: &str, port_flag: Option<u16>) -> Result<SocketAddr, String> {
+pub fn listen_addr(host: &str, port_flag: Option<u16>) -> Result<SocketAddr, ConfigError> {
     let port = match port_flag {
         Some(p) => p,
         None => match std::env::var("PORT") {
-            Ok(p) if !p.trim().is_empty() => p
-                .trim()
-                .parse()
-                .map_err(|_| format!("the PORT environment variable `{p}` is not a port number"))?,
+            Ok(p) if !p.trim().is_empty() => {
+                p.trim().parse().map_err(|_| ConfigError::Port(p.clone()))?
+            }
             _ => DEFAULT_PORT,
         },
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let ip: std::net::IpAddr = host.parse().map_err(|_| {
-        format!("--host `{host}` is not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::)")
-    })?;
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| ConfigError::Host(host.to_owned()))?;
     Ok(SocketAddr::new(ip, port))
-}
-
-/// The scheduler configuration the flags describe.
-pub fn scheduler_config(a: &SchedulerArgs) -> gptj_scheduler::SchedulerConfig {
-    gptj_scheduler::SchedulerConfig {
-        max_num_seqs: a.max_num_seqs as usize,
-        max_batched_tokens: a.max_batched_tokens as usize,
-        max_waiting_requests: a.max_queued_seqs as usize,
-        max_waiting_tokens: a.max_queued_tokens as usize,
-        kind: match a.scheduler {
-            SchedulerKind::Continuous => gptj_scheduler::SchedulerKind::Continuous,
-            SchedulerKind::Static => gptj_scheduler::SchedulerKind::Static,
-        },
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]
@@ -143,6 +171,7 @@ mod tests {
         assert_eq!(listen_addr("::", Some(1)).unwrap().to_string(), "[::]:1");
         assert!(listen_addr("localhost", Some(1))
             .unwrap_err()
+            .to_string()
             .contains("--host"));
     }
 }

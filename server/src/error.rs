@@ -1,10 +1,10 @@
 /*!
-One error type for every route, and its mapping to HTTP per protocol.
+One error type for every route, and its mapping to HTTP per wire protocol.
 
-[`ApiError`] says what went wrong; [`ApiError::into_response_for`] turns it into the status
-code and body that the route's protocol uses:
+[`ApiError`] says what went wrong; [`ApiError::into_response`] turns it into the status code
+and body of the route group's [`Wire`]:
 
-| error | KServe V1 | OIP (V2) generate | OpenAI |
+| error | KServe V1 | OIP (V2) | OpenAI |
 |---|---|---|---|
 | validation | 400 | 422 | 400 |
 | unauthorized | 401 | 401 | 401 |
@@ -15,10 +15,15 @@ code and body that the route's protocol uses:
 | loading, draining, cancelled by shutdown | 503 | 503 | 503 |
 | request timeout | 504 | 504 | 504 |
 | generation failure | 500 | 424 | 500 |
+| internal | 500 | 500 | 500 |
 
 KServe and OIP bodies are `{"error": "<message>", "error_type": "<tag>"}`; OpenAI bodies are
 OpenAI's `{"error": {"message", "type", "param", "code"}}`. `error_type` is a stable
-snake_case tag, also used as the `reason` label of the rejection metrics.
+snake_case tag, also the `reason` label of the rejection and failure metrics.
+
+The conversion has no side effects: the response carries an [`ErrorTag`] (and, for internal
+errors, the detail the client is not shown), which the request's log record reads, logs and
+counts ([`crate::telemetry`]).
 */
 
 use std::time::Duration;
@@ -30,14 +35,14 @@ use serde_json::json;
 
 use crate::params::ValidationError;
 
-/// The wire protocol a route speaks; it decides status codes and error bodies.
+/// The wire protocol of a route group: it decides status codes and error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// KServe V1 (`/v1/...`) and everything that is not a generation route.
+pub enum Wire {
+    /// KServe V1 (`/v1/...`) and everything outside the other groups.
     KserveV1,
-    /// Open Inference Protocol, generate extension (`/v2/...`).
-    KserveV2,
-    /// OpenAI-compatible completions (`/openai/v1/...`).
+    /// Open Inference Protocol (`/v2/...`).
+    Oip,
+    /// OpenAI-compatible (`/openai/v1/...`).
     OpenAi,
 }
 
@@ -60,12 +65,14 @@ pub enum ApiError {
         path: String,
     },
     /// The route exists but not with this method.
-    #[error("method {method} is not allowed on {path}")]
+    #[error("method {method} is not allowed on {path} (allowed: {allowed})")]
     MethodNotAllowed {
         /// The request method.
         method: String,
         /// The request path.
         path: String,
+        /// The methods the route takes (the `Allow` header).
+        allowed: String,
     },
     /// The model is still loading (or warming up).
     #[error("Model with name {0} is not ready.")]
@@ -94,22 +101,41 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The body could not be read (the client sent a broken or truncated one).
+    #[error("cannot read the request body: {0}")]
+    BadBody(String),
     /// The request did not finish within `--request-timeout`.
     #[error("the request did not finish within the request timeout of {} s", .0.as_secs_f64())]
     Timeout(Duration),
     /// The model failed while generating.
     #[error("generation failed: {0}")]
     Generation(String),
-    /// A bug or an unexpected condition on the server's side.
+    /// A bug or an unexpected condition on the server's side. The detail goes to the log,
+    /// not to the client.
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// What kind of failure a response reports, put on error responses (and set by streams that
+/// end in an error) so the request's log line and metrics can name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorTag {
+    /// The stable tag (`validation`, `overloaded`, ...).
+    pub error_type: &'static str,
+    /// Refused before any work started (`gptj_request_rejected_total`), or failed after
+    /// (`gptj_request_failed_total`).
+    pub rejected: bool,
+}
+
+/// The detail of an internal error, for the log only.
+#[derive(Debug, Clone)]
+pub struct InternalDetail(pub String);
 
 impl ApiError {
     /// A stable snake_case tag for the body's `error_type` and for metric labels.
     pub fn error_type(&self) -> &'static str {
         match self {
-            Self::Validation(_) => "validation",
+            Self::Validation(_) | Self::BadBody(_) => "validation",
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => "not_found",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::NotReady(_) => "not_ready",
@@ -124,21 +150,24 @@ impl ApiError {
         }
     }
 
-    /// True for errors that refuse a request before any of its work starts.
-    pub fn is_rejection(&self) -> bool {
-        !matches!(
-            self,
-            Self::Timeout(_) | Self::Generation(_) | Self::Internal(_) | Self::Cancelled
-        )
+    /// The tag of this error for logs and metrics.
+    pub fn tag(&self) -> ErrorTag {
+        ErrorTag {
+            error_type: self.error_type(),
+            rejected: !matches!(
+                self,
+                Self::Timeout(_) | Self::Generation(_) | Self::Internal(_) | Self::Cancelled
+            ),
+        }
     }
 
-    /// The status code under `protocol`.
-    pub fn status(&self, protocol: Protocol) -> StatusCode {
+    /// The status code under `wire`.
+    pub fn status(&self, wire: Wire) -> StatusCode {
         match self {
-            Self::Validation(_) if protocol == Protocol::KserveV2 => {
+            Self::Validation(_) | Self::BadBody(_) if wire == Wire::Oip => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::Validation(_) => StatusCode::BAD_REQUEST,
+            Self::Validation(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotReady(_) | Self::Draining | Self::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
@@ -146,50 +175,59 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Generation(_) if protocol == Protocol::KserveV2 => StatusCode::FAILED_DEPENDENCY,
+            Self::Generation(_) if wire == Wire::Oip => StatusCode::FAILED_DEPENDENCY,
             Self::Generation(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// The JSON error body under `protocol`.
-    pub fn body(&self, protocol: Protocol) -> serde_json::Value {
-        match protocol {
-            Protocol::OpenAi => json!({
-                "error": {
-                    "message": self.to_string(),
-                    "type": self.error_type(),
-                    "param": self.param(),
-                    "code": self.status(protocol).as_u16(),
-                }
-            }),
-            _ => json!({"error": self.to_string(), "error_type": self.error_type()}),
+    /// The message the client sees: the error itself, except for internal errors, whose
+    /// detail stays in the server's log.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Internal(_) => {
+                "internal server error; the server's log has the details under this request's \
+                 x-request-id"
+                    .to_owned()
+            }
+            other => other.to_string(),
         }
     }
 
-    fn param(&self) -> Option<String> {
+    /// The JSON error body under `wire`.
+    pub fn body(&self, wire: Wire) -> serde_json::Value {
+        match wire {
+            Wire::OpenAi => json!({
+                "error": {
+                    "message": self.public_message(),
+                    "type": self.error_type(),
+                    "param": self.param(),
+                    "code": self.status(wire).as_u16(),
+                }
+            }),
+            Wire::KserveV1 | Wire::Oip => {
+                json!({"error": self.public_message(), "error_type": self.error_type()})
+            }
+        }
+    }
+
+    /// The request field the error is about, when there is one (OpenAI's `param`).
+    pub fn param(&self) -> Option<&str> {
         match self {
-            Self::Validation(v) => v.field().map(str::to_owned),
+            Self::Validation(v) => v.field(),
             _ => None,
         }
     }
 
-    /// The full response under `protocol`; records the error in the metrics.
-    pub fn into_response_for(self, protocol: Protocol) -> Response {
-        let reason = self.error_type();
-        if self.is_rejection() {
-            metrics::counter!(crate::metrics::REQUEST_REJECTED, "reason" => reason).increment(1);
-        } else {
-            metrics::counter!(crate::metrics::REQUEST_FAILED, "reason" => reason).increment(1);
-        }
-        let status = self.status(protocol);
-        let mut response = (status, Json(self.body(protocol))).into_response();
+    /// The full response under `wire`: status, body, `Retry-After` or `WWW-Authenticate`
+    /// where they apply, and the [`ErrorTag`] extension.
+    pub fn into_response(self, wire: Wire) -> Response {
+        let status = self.status(wire);
+        let mut response = (status, Json(self.body(wire))).into_response();
         let headers = response.headers_mut();
         match &self {
             Self::Overloaded { retry_after, .. } => {
                 let secs = retry_after.as_secs().max(1);
-                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                    headers.insert(header::RETRY_AFTER, v);
-                }
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             Self::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -199,35 +237,28 @@ impl ApiError {
             }
             _ => {}
         }
-        response.extensions_mut().insert(ErrorTag(reason));
+        response.extensions_mut().insert(self.tag());
+        if let Self::Internal(detail) = self {
+            response.extensions_mut().insert(InternalDetail(detail));
+        }
         response
     }
 }
-
-/// Put on error responses so the request log line can name the error.
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorTag(pub &'static str);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn statuses_follow_the_protocol() {
+    fn statuses_follow_the_wire() {
         let v = || ApiError::Validation(ValidationError::EmptyInstances);
-        assert_eq!(v().status(Protocol::KserveV1), StatusCode::BAD_REQUEST);
-        assert_eq!(
-            v().status(Protocol::KserveV2),
-            StatusCode::UNPROCESSABLE_ENTITY
-        );
-        assert_eq!(v().status(Protocol::OpenAi), StatusCode::BAD_REQUEST);
+        assert_eq!(v().status(Wire::KserveV1), StatusCode::BAD_REQUEST);
+        assert_eq!(v().status(Wire::Oip), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(v().status(Wire::OpenAi), StatusCode::BAD_REQUEST);
         let g = || ApiError::Generation("boom".into());
+        assert_eq!(g().status(Wire::Oip), StatusCode::FAILED_DEPENDENCY);
         assert_eq!(
-            g().status(Protocol::KserveV2),
-            StatusCode::FAILED_DEPENDENCY
-        );
-        assert_eq!(
-            g().status(Protocol::KserveV1),
+            g().status(Wire::KserveV1),
             StatusCode::INTERNAL_SERVER_ERROR
         );
     }
@@ -238,17 +269,47 @@ mod tests {
             retry_after: Duration::from_millis(200),
             detail: "queue full".into(),
         }
-        .into_response_for(Protocol::KserveV1);
+        .into_response(Wire::KserveV1);
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let tag = r.extensions().get::<ErrorTag>().copied();
+        assert_eq!(
+            tag,
+            Some(ErrorTag {
+                error_type: "overloaded",
+                rejected: true
+            })
+        );
     }
 
     #[test]
     fn openai_body_shape() {
-        let b = ApiError::Unauthorized.body(Protocol::OpenAi);
+        let b = ApiError::Unauthorized.body(Wire::OpenAi);
         assert_eq!(b["error"]["code"], 401);
         assert_eq!(b["error"]["type"], "unauthorized");
-        let b = ApiError::Unauthorized.body(Protocol::KserveV1);
+        let b = ApiError::Unauthorized.body(Wire::KserveV1);
         assert!(b["error"].as_str().unwrap().contains("API key"));
+    }
+
+    #[test]
+    fn internal_details_stay_in_the_log() {
+        let r = ApiError::Internal("mutex poisoned at x.rs:3".into()).into_response(Wire::OpenAi);
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let detail = r.extensions().get::<InternalDetail>().map(|d| d.0.clone());
+        assert_eq!(detail.as_deref(), Some("mutex poisoned at x.rs:3"));
+        let body = ApiError::Internal("mutex poisoned".into()).body(Wire::KserveV1);
+        assert!(!body["error"].as_str().unwrap().contains("mutex"), "{body}");
+    }
+
+    #[test]
+    fn typed_fields_reach_the_wire() {
+        let e = ApiError::from(ValidationError::ContextOverflow {
+            at: "prompt 0".into(),
+            field: "max_tokens".into(),
+            prompt_tokens: 10,
+            new_tokens: 4000,
+            context: 2048,
+        });
+        assert_eq!(e.body(Wire::OpenAi)["error"]["param"], "max_tokens");
     }
 }

@@ -14,14 +14,33 @@ use gptj_scheduler::{JobEvent, SchedulerConfig};
 
 use crate::cli::{GenerateArgs, LogFormat};
 use crate::generation::job;
-use crate::params::{Defaults, RequestParams};
+use crate::params::{Defaults, Dialect, Names, RequestParams};
 use crate::serve::load;
 use crate::telemetry;
 
+/// Parameters here come from flags, named as the table names them.
+const FLAGS: Dialect = Dialect {
+    prefix: "",
+    aliases: &[],
+    names: Names::All,
+};
+
+/// Stdout was closed (`gptj generate ... | head`): not a failure, just the end.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+struct StdoutClosed;
+
 /// Runs `gptj generate`.
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    match run(args) {
+        Err(e) if e.is::<StdoutClosed>() => Ok(()),
+        other => other,
+    }
+}
+
+fn run(args: GenerateArgs) -> anyhow::Result<()> {
     telemetry::init_logging(LogFormat::Text, "warn");
-    let defaults = Defaults::from_args(&args.generation).map_err(anyhow::Error::msg)?;
+    let defaults = Defaults::from_args(&args.generation)?;
     let started = Instant::now();
     let backend = load(&args.model, SchedulerConfig::default())?;
     let loaded = started.elapsed();
@@ -33,7 +52,13 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop: (!args.stop.is_empty()).then(|| args.stop.clone()),
         ..Default::default()
     };
-    let plan = defaults.resolve(&params, ids.len(), backend.max_context, "the prompt")?;
+    let plan = defaults.resolve(
+        &params,
+        &FLAGS,
+        ids.len(),
+        backend.max_context,
+        "the prompt",
+    )?;
     let deadline = Instant::now() + Duration::from_secs(24 * 3600);
     let mut streams = (0..plan.seeds.len())
         .map(|j| {
@@ -89,10 +114,11 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes and flushes; a closed stdout (`| head`) ends the program quietly.
+/// Writes and flushes; a closed stdout (`| head`) is [`StdoutClosed`], which ends the
+/// program quietly.
 fn write_or_quit(out: &mut impl Write, text: &str) -> anyhow::Result<()> {
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
         r => r.context("cannot write to stdout"),
     }
 }

@@ -1,7 +1,8 @@
 /*!
-The protocol-independent part of serving a generation: tokenize the prompts, submit one job
-per returned sequence (all at once, so the instances of a query run concurrently), and
-either collect every job's text or hand the job streams to [`crate::sse`].
+The protocol-independent part of serving a generation: tokenize the prompts, resolve each
+one's plan, submit one job per returned sequence (all at once, so the instances of a query
+run concurrently), and either collect every job's text or hand the job streams to
+[`crate::sse`].
 
 Cancellation is by ownership: a request's [`JobStream`]s live in the handler's future (or in
 its response stream), so when a client goes away and the future or stream is dropped, the
@@ -17,19 +18,35 @@ use gptj_scheduler::{FinishReason, JobEvent, JobRequest, JobStream, SubmitError,
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use crate::params::{Plan, RequestParams, ValidationError};
+use crate::params::{Dialect, Plan, RequestParams, ValidationError};
 use crate::state::Backend;
 use crate::telemetry::RequestRecord;
 
 /// Extra time past the scheduler's deadline before the server stops waiting by itself (the
 /// scheduler ends late jobs at its next step boundary; this only guards against a stuck loop).
-const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+
+/// Names prompt `i` in messages (`instance 2`, `prompt 0`).
+pub type PromptName = fn(usize) -> String;
+
+/// What a protocol asks the server to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The model the body names, if it names one (OpenAI's `model`).
+    pub model: Option<String>,
+    /// The prompts.
+    pub prompts: Vec<String>,
+    /// The request's parameters.
+    pub params: RequestParams,
+    /// Stream the answer.
+    pub stream: bool,
+}
 
 /// Tokenizes `texts` on a blocking thread; `at(i)` names prompt `i` in errors.
 pub async fn tokenize(
     tokenizer: &Tokenizer,
     texts: Vec<String>,
-    at: fn(usize) -> String,
+    at: PromptName,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let tokenizer = tokenizer.clone();
     tokio::task::spawn_blocking(move || {
@@ -68,27 +85,40 @@ pub fn job(
     }
 }
 
-/// Maps a refused submission to the HTTP error.
-pub fn submit_error(e: SubmitError) -> ApiError {
+/// Maps a refused submission of prompt `at`'s job to the HTTP error, keeping its fields.
+pub fn submit_error(e: SubmitError, at: String, dialect: &Dialect) -> ApiError {
     match e {
         SubmitError::QueueFull { retry_after, .. } => ApiError::Overloaded {
             retry_after,
             detail: e.to_string(),
         },
         SubmitError::ShuttingDown => ApiError::Draining,
-        SubmitError::ExceedsContext { .. }
-        | SubmitError::ExceedsKvCache { .. }
-        | SubmitError::Invalid(_) => ApiError::Validation(ValidationError::Refused(e.to_string())),
+        SubmitError::ExceedsContext {
+            prompt_tokens,
+            max_new_tokens,
+            max_context,
+        } => ValidationError::ContextOverflow {
+            at,
+            field: dialect.path("max_new_tokens"),
+            prompt_tokens,
+            new_tokens: max_new_tokens,
+            context: max_context,
+        }
+        .into(),
+        SubmitError::ExceedsKvCache {
+            tokens,
+            needed_blocks,
+            total_blocks,
+        } => ValidationError::ExceedsKvCache {
+            at,
+            tokens,
+            needed_blocks,
+            total_blocks,
+        }
+        .into(),
+        SubmitError::Invalid(message) => ValidationError::Refused { at, message }.into(),
         other => ApiError::Internal(other.to_string()),
     }
-}
-
-/// Submits every job; if one is refused, those already accepted are dropped (cancelled) and
-/// the refusal is returned, so a request runs whole or not at all.
-pub fn submit_all(backend: &Backend, jobs: Vec<JobRequest>) -> Result<Vec<JobStream>, ApiError> {
-    jobs.into_iter()
-        .map(|j| backend.scheduler.submit(j).map_err(submit_error))
-        .collect()
 }
 
 /// One finished sequence.
@@ -110,7 +140,7 @@ pub fn record_finish(record: &RequestRecord, reason: &FinishReason, usage: &Usag
         .record(usage.generated_tokens as f64);
 }
 
-/// The error a sequence's end means for a non-streaming response, if any.
+/// The error a sequence's end means for the response, if any.
 pub fn finish_error(reason: &FinishReason, timeout: Duration) -> Option<ApiError> {
     match reason {
         FinishReason::Stop | FinishReason::Length | FinishReason::StopSequence(_) => None,
@@ -185,49 +215,47 @@ pub async fn collect_all(
     Ok(out)
 }
 
-/// A request's jobs, submitted.
-#[derive(Debug)]
-pub struct Prepared {
+/// What was submitted for a request, besides the job streams: what rendering needs.
+#[derive(Debug, Clone)]
+pub struct Submitted {
     /// Each prompt's length in tokens.
     pub prompt_tokens: Vec<usize>,
     /// Each prompt's plan.
     pub plans: Vec<Plan>,
-    /// One stream per sequence, prompt-major: prompt `i`'s sequence `j` is at
-    /// `i * per_prompt + j`.
-    pub streams: Vec<JobStream>,
-    /// Sequences per prompt.
+    /// Sequences per prompt: prompt `i`'s sequence `j` is sequence `i * per_prompt + j`.
     pub per_prompt: usize,
 }
 
-/// What a route asks [`prepare`] to run.
-#[derive(Debug)]
-pub struct Submission<'a> {
-    /// The prompts.
-    pub prompts: &'a [String],
-    /// The request's parameters.
-    pub params: &'a RequestParams,
-    /// Names prompt `i` in messages (`instance 2`, `prompt 0`).
-    pub at: fn(usize) -> String,
-    /// The scheduler tenant.
-    pub tenant: Option<String>,
-    /// When the request must be done.
-    pub deadline: Instant,
+impl Submitted {
+    /// Whether sequence `seq`'s returned text starts with its prompt.
+    pub fn echo(&self, seq: usize) -> bool {
+        self.plans
+            .get(seq / self.per_prompt.max(1))
+            .is_some_and(|p| p.return_full_text)
+    }
+
+    /// Prompt tokens of the whole request (each prompt once).
+    pub fn total_prompt_tokens(&self) -> usize {
+        self.prompt_tokens.iter().sum()
+    }
 }
 
 /// Everything between parsing and generating: checks the sequence count, tokenizes,
-/// resolves each prompt's plan (errors name the prompt), and submits all jobs.
-pub async fn prepare(
+/// resolves each prompt's plan (errors name the prompt), and submits all jobs. If one job is
+/// refused, those already accepted are dropped (cancelled) and the refusal is returned, so a
+/// request runs whole or not at all.
+pub async fn submit(
     config: &ServerConfig,
     backend: &Backend,
-    sub: Submission<'_>,
-) -> Result<Prepared, ApiError> {
-    let Submission {
-        prompts,
-        params,
-        at,
-        tenant,
-        deadline,
-    } = sub;
+    generation: &Generation,
+    dialect: &Dialect,
+    at: PromptName,
+    tenant: Option<String>,
+    deadline: Instant,
+) -> Result<(Submitted, Vec<JobStream>), ApiError> {
+    let Generation {
+        prompts, params, ..
+    } = generation;
     let per_prompt = config.defaults.num_return_sequences(params);
     let total = prompts.len() * per_prompt;
     if total > config.max_sequences_per_request {
@@ -242,26 +270,30 @@ pub async fn prepare(
     if let Some(i) = prompts.iter().position(String::is_empty) {
         return Err(ValidationError::EmptyPrompt { at: at(i) }.into());
     }
-    let ids = tokenize(&backend.tokenizer, prompts.to_vec(), at).await?;
+    let ids = tokenize(&backend.tokenizer, prompts.clone(), at).await?;
     let plans = ids
         .iter()
         .enumerate()
         .map(|(i, p)| {
             config
                 .defaults
-                .resolve(params, p.len(), backend.max_context, &at(i))
+                .resolve(params, dialect, p.len(), backend.max_context, &at(i))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let jobs = ids
-        .iter()
-        .zip(&plans)
-        .flat_map(|(p, plan)| (0..per_prompt).map(|j| job(p, plan, j, tenant.clone(), deadline)))
-        .collect();
-    let streams = submit_all(backend, jobs)?;
-    Ok(Prepared {
+    let mut streams = Vec::with_capacity(total);
+    for (i, (p, plan)) in ids.iter().zip(&plans).enumerate() {
+        for j in 0..per_prompt {
+            let stream = backend
+                .scheduler
+                .submit(job(p, plan, j, tenant.clone(), deadline))
+                .map_err(|e| submit_error(e, at(i), dialect))?;
+            streams.push(stream);
+        }
+    }
+    let submitted = Submitted {
         prompt_tokens: ids.iter().map(Vec::len).collect(),
         plans,
-        streams,
         per_prompt,
-    })
+    };
+    Ok((submitted, streams))
 }

@@ -5,21 +5,23 @@ Prometheus metrics, admission control, API keys and graceful shutdown.
 
 The pieces, in the order a request meets them:
 
-- [`telemetry::observe`]: request id, one log line per request, request metrics;
-- [`auth`]: API keys on the generation routes;
-- [`routes`]: one module per protocol, each parsing its body into
-  [`params::RequestParams`] (strict, with messages that name the field and the range);
-- [`generation`]: tokenize, resolve each prompt's [`params::Plan`] against the server's
-  [`params::Defaults`], submit one job per sequence, collect or stream ([`sse`]);
+- [`routes`]: the app; each protocol's routes form a group with its error shape ([`Wire`])
+  and, on generation routes, the API-key layer ([`auth`], over [`api_keys`]);
+- [`telemetry::observe`]: request id, one log line and the request metrics per request;
+- [`pipeline`]: the one generation pipeline; a protocol implements [`pipeline::Protocol`]
+  (parse its body, render its answer and stream events) and gets everything else:
+  admission, body limit, model check, [`generation`] (tokenize, resolve [`params`] into
+  plans, submit, collect) and streaming ([`sse`]);
 - [`error::ApiError`]: every failure, mapped to each protocol's status codes and bodies;
 - [`state`]: lifecycle (loading, ready, draining) and in-flight accounting, which
   [`shutdown`] uses to drain.
 
 [`serve::serve`] and [`generate_cmd::generate`] are the `gptj serve` and `gptj generate`
-subcommands; their flags are in [`cli`].
+subcommands; their flags are in [`cli`] (the ones shared with `gptj bench` in `gptj_cli`).
 */
 #![deny(missing_docs)]
 
+pub mod api_keys;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -28,6 +30,7 @@ pub mod generate_cmd;
 pub mod generation;
 pub mod metrics;
 pub mod params;
+pub mod pipeline;
 pub mod routes;
 pub mod serve;
 pub mod shutdown;
@@ -36,6 +39,7 @@ pub mod state;
 pub mod telemetry;
 
 pub use cli::{GenerateArgs, ServeArgs};
+pub use error::Wire;
 pub use generate_cmd::generate;
-pub use routes::router;
+pub use routes::{app, router};
 pub use serve::serve;

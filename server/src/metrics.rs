@@ -1,48 +1,42 @@
 /*!
-Prometheus metrics: the names the server records, their descriptions and buckets, and the
-recorder behind `GET /metrics`.
+Prometheus metrics: the recorder behind `GET /metrics`, every histogram's buckets, and the
+metrics only the HTTP layer sees.
 
-Names follow vLLM's (`vllm:time_to_first_token_seconds` becomes
-`gptj_time_to_first_token_seconds`) with vLLM's bucket lists, so existing dashboards need
-only a prefix change. The scheduler records the engine-side metrics (running and waiting
-sequences, KV usage, preemptions, token counters, per-sequence latencies) with the same
-`metrics` facade; this module installs the one recorder they all go to, sets the buckets of
-every histogram, and records what only the HTTP layer sees (requests by route and status,
-rejections by reason, in-flight requests). docs/metrics.md lists them all.
+Each metric is declared once, by the layer that records it: the engine loop's (running and
+waiting sequences, KV use, preemptions, token counters, per-sequence latencies) in
+[`gptj_scheduler::metrics`], the HTTP layer's here. Names follow vLLM's
+(`vllm:time_to_first_token_seconds` becomes `gptj_time_to_first_token_seconds`) with vLLM's
+bucket lists, so existing dashboards need only a prefix change. docs/metrics.md lists them
+all with their labels.
 */
 
+use std::time::Duration;
+
+use gptj_scheduler::metrics as sched;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// HTTP requests answered, by `route` (the matched route pattern), `method` and `status`.
+use crate::error::ErrorTag;
+
+/// Counter: HTTP requests answered, by `route` (the matched route pattern), `method` and
+/// `status`.
 pub const HTTP_REQUESTS: &str = "gptj_http_requests_total";
-/// Time from a request's arrival to the last byte of its response, by `route`.
+/// Histogram: time from a request's arrival to the last byte of its response, by `route`.
 pub const HTTP_REQUEST_DURATION: &str = "gptj_http_request_duration_seconds";
-/// Generation requests being served now.
+/// Gauge: generation requests being served now.
 pub const REQUESTS_IN_FLIGHT: &str = "gptj_http_requests_in_flight";
-/// Requests refused before any work started, by `reason` (the error's `error_type`).
+/// Counter: requests refused before any work started, by `reason` (the error's `error_type`).
 pub const REQUEST_REJECTED: &str = "gptj_request_rejected_total";
-/// Requests that failed after work started, by `reason` (timeout, generation, internal).
+/// Counter: requests that failed after work started, by `reason`.
 pub const REQUEST_FAILED: &str = "gptj_request_failed_total";
-/// Time from a request's arrival to its first generated token reaching the response
-/// (streaming and not), per sequence.
-pub const TIME_TO_FIRST_TOKEN: &str = "gptj_time_to_first_token_seconds";
-/// Time between consecutive tokens of one sequence, as the server receives them.
-pub const INTER_TOKEN_LATENCY: &str = "gptj_inter_token_latency_seconds";
-/// Time from a request's arrival to the end of one of its sequences.
-pub const E2E_REQUEST_LATENCY: &str = "gptj_e2e_request_latency_seconds";
-/// Sequences finished, by `finished_reason` (stop, length, abort, timeout, error).
-pub const REQUEST_SUCCESS: &str = "gptj_request_success_total";
-/// Prompt tokens of sequences the server finished (counts each returned sequence).
-pub const SERVED_PROMPT_TOKENS: &str = "gptj_served_prompt_tokens_total";
-/// Generated tokens returned to clients.
-pub const SERVED_GENERATION_TOKENS: &str = "gptj_served_generation_tokens_total";
-/// Per-sequence prompt length.
+/// Histogram: prompt length of each finished sequence.
 pub const REQUEST_PROMPT_TOKENS: &str = "gptj_request_prompt_tokens";
-/// Per-sequence generated length.
+/// Histogram: generated length of each finished sequence.
 pub const REQUEST_GENERATION_TOKENS: &str = "gptj_request_generation_tokens";
-/// 1 when the model is loaded and the server takes work, 0 while loading or draining.
+/// Gauge: 1 when the model is loaded and the server takes work, 0 while loading or draining.
 pub const SERVER_READY: &str = "gptj_server_ready";
+/// Gauge: 1 while the engine thread runs, 0 once it has stopped.
+pub const ENGINE_ALIVE: &str = "gptj_engine_alive";
 
 /// vLLM's TTFT buckets.
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -54,7 +48,8 @@ pub const ITL_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
     40.0, 80.0,
 ];
-/// vLLM's request-latency buckets (end-to-end, queue, inference, prefill, decode).
+/// vLLM's request-latency buckets (end-to-end, queue), the default for any histogram not
+/// listed.
 pub const REQUEST_LATENCY_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
@@ -77,31 +72,58 @@ pub const STEP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Installs the process-wide recorder with every histogram's buckets and describes the
-/// server's metrics. Call once, before the scheduler starts.
+/// Installs the process-wide recorder with every histogram's buckets and describes every
+/// metric, the scheduler's included. Call once, before the scheduler starts.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = builder()?.install_recorder()?;
     describe();
+    sched::describe();
     Ok(handle)
 }
 
-/// The exporter configuration: buckets per metric name (scheduler metrics included).
+/// The exporter configuration: the buckets of each histogram, by its full name.
 pub fn builder() -> Result<PrometheusBuilder, BuildError> {
-    let full = |n: &str| Matcher::Full(n.to_owned());
-    let suffix = |n: &str| Matcher::Suffix(n.to_owned());
-    PrometheusBuilder::new()
-        .set_buckets(REQUEST_LATENCY_BUCKETS)?
-        .set_buckets_for_metric(full(HTTP_REQUEST_DURATION), HTTP_DURATION_BUCKETS)?
-        .set_buckets_for_metric(suffix("time_to_first_token_seconds"), TTFT_BUCKETS)?
-        .set_buckets_for_metric(suffix("inter_token_latency_seconds"), ITL_BUCKETS)?
-        .set_buckets_for_metric(suffix("time_per_output_token_seconds"), ITL_BUCKETS)?
-        .set_buckets_for_metric(suffix("prompt_tokens"), TOKEN_COUNT_BUCKETS)?
-        .set_buckets_for_metric(suffix("generation_tokens"), TOKEN_COUNT_BUCKETS)?
-        .set_buckets_for_metric(suffix("max_new_tokens"), TOKEN_COUNT_BUCKETS)?
-        .set_buckets_for_metric(suffix("iteration_tokens"), ITERATION_TOKEN_BUCKETS)?
-        .set_buckets_for_metric(suffix("iteration_tokens_total"), ITERATION_TOKEN_BUCKETS)?
-        .set_buckets_for_metric(suffix("step_duration_seconds"), STEP_BUCKETS)?
-        .set_buckets_for_metric(suffix("batch_size"), ITERATION_TOKEN_BUCKETS)
+    let buckets: [(&str, &[f64]); 7] = [
+        (HTTP_REQUEST_DURATION, HTTP_DURATION_BUCKETS),
+        (REQUEST_PROMPT_TOKENS, TOKEN_COUNT_BUCKETS),
+        (REQUEST_GENERATION_TOKENS, TOKEN_COUNT_BUCKETS),
+        (sched::TIME_TO_FIRST_TOKEN, TTFT_BUCKETS),
+        (sched::INTER_TOKEN_LATENCY, ITL_BUCKETS),
+        (sched::ITERATION_TOKENS, ITERATION_TOKEN_BUCKETS),
+        (sched::STEP_DURATION, STEP_BUCKETS),
+    ];
+    let mut b = PrometheusBuilder::new().set_buckets(REQUEST_LATENCY_BUCKETS)?;
+    for (name, list) in buckets {
+        b = b.set_buckets_for_metric(Matcher::Full(name.to_owned()), list)?;
+    }
+    Ok(b)
+}
+
+/// Records one answered request: its count, duration and, if it failed, the reason.
+pub fn record_request(
+    route: &str,
+    method: &'static str,
+    status: u16,
+    error: Option<ErrorTag>,
+    elapsed: Duration,
+) {
+    metrics::counter!(
+        HTTP_REQUESTS,
+        "route" => route.to_owned(),
+        "method" => method,
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION, "route" => route.to_owned())
+        .record(elapsed.as_secs_f64());
+    if let Some(tag) = error {
+        let name = if tag.rejected {
+            REQUEST_REJECTED
+        } else {
+            REQUEST_FAILED
+        };
+        metrics::counter!(name, "reason" => tag.error_type).increment(1);
+    }
 }
 
 /// Describes the metrics this crate records (help text and units).
@@ -125,36 +147,19 @@ pub fn describe() {
         "Requests that failed after work started, by reason"
     );
     describe_histogram!(
-        TIME_TO_FIRST_TOKEN,
-        Unit::Seconds,
-        "Time from request arrival to the sequence's first token (streaming and not)"
+        REQUEST_PROMPT_TOKENS,
+        "Prompt length of each finished sequence"
     );
-    describe_histogram!(
-        INTER_TOKEN_LATENCY,
-        Unit::Seconds,
-        "Time between consecutive tokens of one sequence"
-    );
-    describe_histogram!(
-        E2E_REQUEST_LATENCY,
-        Unit::Seconds,
-        "Time from request arrival to the end of the sequence"
-    );
-    describe_counter!(REQUEST_SUCCESS, "Sequences finished, by finished_reason");
-    describe_counter!(
-        SERVED_PROMPT_TOKENS,
-        "Prompt tokens of the sequences served (one count per returned sequence)"
-    );
-    describe_counter!(
-        SERVED_GENERATION_TOKENS,
-        "Generated tokens returned to clients"
-    );
-    describe_histogram!(REQUEST_PROMPT_TOKENS, "Prompt length of each sequence");
     describe_histogram!(
         REQUEST_GENERATION_TOKENS,
-        "Generated length of each sequence"
+        "Generated length of each finished sequence"
     );
     describe_gauge!(
         SERVER_READY,
         "1 when the model is loaded and the server takes work, 0 while loading or draining"
+    );
+    describe_gauge!(
+        ENGINE_ALIVE,
+        "1 while the engine thread runs, 0 once it has stopped"
     );
 }

@@ -14,16 +14,18 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 
-use crate::cli::{ModelArgs, ServeArgs};
-use crate::config::{listen_addr, scheduler_config, ServerConfig};
+use gptj_cli::ModelArgs;
+
+use crate::cli::ServeArgs;
+use crate::config::{listen_addr, ServerConfig};
 use crate::state::{AppState, Backend};
 use crate::{metrics, routes, shutdown, telemetry};
 
 /// Runs `gptj serve` to completion (it returns after a signal, or on a startup error).
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init_logging(args.http.log_format, "info");
-    let config = ServerConfig::from_args(&args).map_err(anyhow::Error::msg)?;
-    let addr = listen_addr(&args.http.host, args.http.port).map_err(anyhow::Error::msg)?;
+    let config = ServerConfig::from_args(&args)?;
+    let addr = listen_addr(&args.http.host, args.http.port)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -37,7 +39,6 @@ async fn run(
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
     let handle = metrics::install().context("cannot install the metrics recorder")?;
-    gptj_scheduler::metrics::describe();
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -55,20 +56,19 @@ async fn run(
 
     let (failed_tx, failed_rx) = oneshot::channel::<anyhow::Error>();
     let loader = state.clone();
-    tokio::task::spawn_blocking(move || {
-        match load(&args.model, scheduler_config(&args.scheduler)) {
-            Ok(backend) => {
-                loader.set_ready(backend);
-                tracing::info!("ready");
-            }
-            Err(e) => {
-                let _ = failed_tx.send(e);
-            }
+    tokio::task::spawn_blocking(move || match load(&args.model, args.scheduler.config()) {
+        Ok(backend) => {
+            loader.set_ready(backend);
+            tracing::info!("ready");
+        }
+        Err(e) => {
+            let _ = failed_tx.send(e);
         }
     });
 
     let drained = Arc::new(Notify::new());
     let failure: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
+    let (forced_tx, forced_rx) = oneshot::channel::<(&'static str, usize)>();
     let on_signal = {
         let (state, drained, failure) = (state.clone(), drained.clone(), failure.clone());
         async move {
@@ -79,8 +79,8 @@ async fn run(
                         () = shutdown::drain(&state, shutdown_timeout) => {}
                         sig = shutdown::signal() => {
                             // An operator who asks twice does not want to wait.
-                            tracing::warn!(signal = sig, in_flight = state.in_flight(), "second signal: exiting now");
-                            std::process::exit(1);
+                            let _ = forced_tx.send((sig, state.in_flight()));
+                            std::future::pending::<()>().await;
                         }
                     }
                 }
@@ -93,8 +93,9 @@ async fn run(
             drained.notify_one();
         }
     };
-    let server =
-        axum::serve(listener, routes::router(state.clone())).with_graceful_shutdown(on_signal);
+    let app =
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(routes::app(state.clone()));
+    let server = axum::serve(listener, app).with_graceful_shutdown(on_signal);
     // After draining, connections left open (a client that keeps a stream open past its
     // request's end) get a short grace, then the process exits regardless.
     let hard_stop = async {
@@ -104,6 +105,9 @@ async fn run(
     tokio::select! {
         r = server => r.context("server error")?,
         () = hard_stop => tracing::warn!("connections still open after draining; closing them"),
+        Ok((sig, in_flight)) = forced_rx => {
+            anyhow::bail!("second {sig}: exited without waiting for the {in_flight} request(s) in flight");
+        }
     }
     if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
         return Err(e.context("cannot load the model"));

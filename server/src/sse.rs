@@ -23,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, SelectAll, StreamExt};
 use gptj_scheduler::{FinishReason, JobEvent, JobStream, Usage};
 
-use crate::error::ApiError;
-use crate::generation::{events, record_finish};
+use crate::error::{ApiError, Wire};
+use crate::generation::{events, finish_error, record_finish, DEADLINE_GRACE};
 use crate::state::InFlight;
 use crate::telemetry::RequestRecord;
 
@@ -44,18 +44,18 @@ pub fn json_event(value: &serde_json::Value) -> Event {
 }
 
 /// The `data:` payload of an error event: `{"error": ...}` in the route's protocol.
-pub fn error_event(err: &ApiError, protocol: crate::error::Protocol) -> Event {
-    json_event(&err.body(protocol))
+pub fn error_event(err: &ApiError, wire: Wire) -> Event {
+    json_event(&err.body(wire))
 }
 
-struct State<S> {
+struct State {
     merged: SelectAll<stream::BoxStream<'static, (usize, JobEvent)>>,
-    shaper: S,
+    shaper: Box<dyn Shaper>,
     pending: VecDeque<Event>,
     done: bool,
     deadline: Instant,
     timeout: Duration,
-    protocol: crate::error::Protocol,
+    wire: Wire,
     record: Arc<RequestRecord>,
     _guard: InFlight,
 }
@@ -71,14 +71,14 @@ pub struct StreamContext {
     /// The configured timeout (for messages).
     pub timeout: Duration,
     /// The route's protocol (for error events).
-    pub protocol: crate::error::Protocol,
+    pub wire: Wire,
 }
 
 /// The SSE response for `streams`, shaped by `shaper`. `first` events go out before any
 /// token (e.g. the prompt when it is echoed).
-pub fn response<S: Shaper>(
+pub fn response(
     streams: Vec<JobStream>,
-    shaper: S,
+    shaper: Box<dyn Shaper>,
     first: Vec<Event>,
     ctx: StreamContext,
 ) -> Response {
@@ -87,7 +87,7 @@ pub fn response<S: Shaper>(
         record,
         deadline,
         timeout,
-        protocol,
+        wire,
     } = ctx;
     record.set_stream();
     let merged = stream::select_all(
@@ -103,7 +103,7 @@ pub fn response<S: Shaper>(
         done: false,
         deadline,
         timeout,
-        protocol,
+        wire,
         record,
         _guard: guard,
     };
@@ -116,7 +116,7 @@ pub fn response<S: Shaper>(
         .into_response()
 }
 
-impl<S: Shaper> State<S> {
+impl State {
     async fn next_event(&mut self) -> Option<Event> {
         loop {
             if let Some(e) = self.pending.pop_front() {
@@ -125,7 +125,7 @@ impl<S: Shaper> State<S> {
             if self.done {
                 return None;
             }
-            let limit = self.deadline + Duration::from_secs(5);
+            let limit = self.deadline + DEADLINE_GRACE;
             match tokio::time::timeout_at(limit.into(), self.merged.next()).await {
                 Ok(Some((i, JobEvent::Token { text, .. }))) => {
                     self.record.first_token();
@@ -136,11 +136,8 @@ impl<S: Shaper> State<S> {
                 }
                 Ok(Some((i, JobEvent::Finished { reason, usage }))) => {
                     record_finish(&self.record, &reason, &usage);
-                    if let Some(err) = crate::generation::finish_error(&reason, self.timeout) {
-                        metrics::counter!(crate::metrics::REQUEST_FAILED, "reason" => err.error_type())
-                            .increment(1);
-                        self.pending.push_back(error_event(&err, self.protocol));
-                        self.fail();
+                    if let Some(err) = finish_error(&reason, self.timeout) {
+                        self.fail(&err);
                     } else {
                         let evs = self.shaper.finished(i, &reason, &usage);
                         self.pending.extend(evs);
@@ -151,19 +148,16 @@ impl<S: Shaper> State<S> {
                     self.pending.extend(evs);
                     self.done = true;
                 }
-                Err(_) => {
-                    let err = ApiError::Timeout(self.timeout);
-                    metrics::counter!(crate::metrics::REQUEST_FAILED, "reason" => err.error_type())
-                        .increment(1);
-                    self.pending.push_back(error_event(&err, self.protocol));
-                    self.fail();
-                }
+                Err(_) => self.fail(&ApiError::Timeout(self.timeout)),
             }
         }
     }
 
-    /// After an error event: cancel the other sequences and close the stream properly.
-    fn fail(&mut self) {
+    /// Ends the stream with an error event: records the failure, cancels the other
+    /// sequences and closes the stream properly.
+    fn fail(&mut self, err: &ApiError) {
+        self.record.set_error(err.tag());
+        self.pending.push_back(error_event(err, self.wire));
         self.merged = SelectAll::new();
         let evs = self.shaper.end();
         self.pending.extend(evs);

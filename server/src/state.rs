@@ -62,7 +62,6 @@ struct Inner {
 impl AppState {
     /// A state in the `Loading` phase.
     pub fn new(config: ServerConfig, metrics: Option<PrometheusHandle>) -> Self {
-        metrics::gauge!(crate::metrics::SERVER_READY).set(0.0);
         Self(Arc::new(Inner {
             config,
             phase: AtomicU8::new(Phase::Loading as u8),
@@ -95,21 +94,18 @@ impl AppState {
     /// The model is loaded and warm: start serving. Ignored once draining.
     pub fn set_ready(&self, backend: Backend) {
         let _ = self.0.backend.set(backend);
-        let ok = self.0.phase.compare_exchange(
+        // A server already draining stays draining.
+        let _ = self.0.phase.compare_exchange(
             Phase::Loading as u8,
             Phase::Ready as u8,
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
-        if ok.is_ok() {
-            metrics::gauge!(crate::metrics::SERVER_READY).set(1.0);
-        }
     }
 
     /// Stop taking new work (readiness turns 503).
     pub fn start_draining(&self) {
         self.0.phase.store(Phase::Draining as u8, Ordering::SeqCst);
-        metrics::gauge!(crate::metrics::SERVER_READY).set(0.0);
     }
 
     /// The backend, once loaded.
@@ -144,6 +140,15 @@ impl AppState {
             (Phase::Draining, _) => Err(ApiError::Draining),
             _ => Err(ApiError::NotReady(self.config().model_name.clone())),
         }
+    }
+
+    /// Sets the gauges that describe the state rather than an event (readiness, the engine
+    /// thread's liveness); called before each scrape.
+    pub fn record_gauges(&self) {
+        let ready = if self.is_ready() { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::metrics::SERVER_READY).set(ready);
+        let alive = self.backend().is_some_and(|b| b.scheduler.is_alive());
+        metrics::gauge!(crate::metrics::ENGINE_ALIVE).set(if alive { 1.0 } else { 0.0 });
     }
 
     /// Requests in flight now.

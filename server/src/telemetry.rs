@@ -2,18 +2,23 @@
 Logs and per-request bookkeeping.
 
 [`init_logging`] sets up `tracing` (text or JSON lines on stderr, filtered by `RUST_LOG`,
-default `info`). [`observe`] is the outermost middleware: it takes the request's
-`x-request-id` (or makes one), echoes it on the response, opens the request's span, counts
-the request by route and status, and hands the handler a [`RequestRecord`] to fill in.
-When the last reference to the record is dropped (after the response head for plain
-responses, after the last event for streams) it writes the request's one log line and its
-duration histogram.
+default `info`). [`observe`] is the outermost layer of every route: it takes the request's
+`x-request-id` (or makes one), echoes it on the response, opens the request's span, and hands
+the handler a [`RequestRecord`] to fill in. When the last reference to the record is dropped
+(after the response head for plain responses, after the last event for streams) it writes the
+request's one log line and records its metrics: the request count by route, method and
+status, the duration, and the rejection or failure by reason. That is the only place those
+are counted.
+
+The `route` label is the route pattern axum matched ([`MatchedPath`]), with a custom verb
+shown as the wire spells it (`/v1/models/{name}:predict`), or `unmatched`; the `method` label
+is one of the standard methods or `other`. Both sets are bounded whatever clients send.
 */
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -21,10 +26,14 @@ use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
-use crate::error::ErrorTag;
+use crate::error::{ErrorTag, InternalDetail};
+use crate::metrics;
 
 /// The request-id header.
 pub const REQUEST_ID: &str = "x-request-id";
+
+/// The route label of requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
 
 /// Installs the global `tracing` subscriber. `default_filter` applies when `RUST_LOG` is unset.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
@@ -41,26 +50,19 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     };
 }
 
-/// The route label of a request: its route pattern, never the raw path (so label values
-/// stay few).
-pub fn route_label(method: &Method, path: &str) -> &'static str {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    match (method.as_str(), segs.as_slice()) {
-        (_, [] | [""]) => "/",
-        (_, ["metrics"]) => "/metrics",
-        (_, ["v1", "models"]) => "/v1/models",
-        ("POST", ["v1", "models", m]) if m.ends_with(":predict") => "/v1/models/{name}:predict",
-        (_, ["v1", "models", _]) => "/v1/models/{name}",
-        (_, ["v2"]) => "/v2",
-        (_, ["v2", "health", "live"]) => "/v2/health/live",
-        (_, ["v2", "health", "ready"]) => "/v2/health/ready",
-        (_, ["v2", "models", _]) => "/v2/models/{name}",
-        (_, ["v2", "models", _, "ready"]) => "/v2/models/{name}/ready",
-        (_, ["v2", "models", _, "generate"]) => "/v2/models/{name}/generate",
-        (_, ["v2", "models", _, "generate_stream"]) => "/v2/models/{name}/generate_stream",
-        (_, ["openai", "v1", "models"]) => "/openai/v1/models",
-        (_, ["openai", "v1", "completions"]) => "/openai/v1/completions",
-        _ => "unmatched",
+/// The `method` label: a standard method's name, or `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
     }
 }
 
@@ -74,14 +76,14 @@ fn request_id(req: &Request) -> String {
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
 }
 
-/// What one request did, for its log line. Handlers fill it in; it logs itself when the last
-/// reference goes.
+/// What one request did, for its log line and metrics. Handlers fill it in; it logs and
+/// counts itself when the last reference goes.
 #[derive(Debug)]
 pub struct RequestRecord {
     /// The request id.
     pub id: String,
-    method: Method,
-    route: &'static str,
+    method: &'static str,
+    route: String,
     start: Instant,
     fields: Mutex<Fields>,
 }
@@ -89,7 +91,9 @@ pub struct RequestRecord {
 #[derive(Debug, Default)]
 struct Fields {
     status: u16,
-    error: Option<&'static str>,
+    error: Option<ErrorTag>,
+    internal: Option<String>,
+    generation: bool,
     stream: bool,
     sequences: usize,
     prompt_tokens: usize,
@@ -100,70 +104,101 @@ struct Fields {
 }
 
 impl RequestRecord {
+    /// A record for a request that arrived now.
+    pub fn new(id: String, method: &Method, route: String) -> Self {
+        Self {
+            id,
+            method: method_label(method),
+            route,
+            start: Instant::now(),
+            fields: Mutex::new(Fields::default()),
+        }
+    }
+
     /// When the request arrived.
     pub fn start(&self) -> Instant {
         self.start
     }
 
+    fn with(&self, f: impl FnOnce(&mut Fields)) {
+        let mut guard = match self.fields.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard);
+    }
+
+    /// Marks the request as a generation (logged at info level whatever its outcome).
+    pub fn set_generation(&self) {
+        self.with(|f| f.generation = true);
+    }
+
     /// Marks the request as streaming.
     pub fn set_stream(&self) {
-        if let Ok(mut f) = self.fields.lock() {
-            f.stream = true;
-        }
+        self.with(|f| f.stream = true);
+    }
+
+    /// Records that the request failed (a stream that ends with an error event).
+    pub fn set_error(&self, tag: ErrorTag) {
+        self.with(|f| f.error = Some(tag));
     }
 
     /// Adds one finished sequence's counts.
     pub fn add_sequence(&self, usage: &gptj_scheduler::Usage, finish: &str) {
-        if let Ok(mut f) = self.fields.lock() {
+        self.with(|f| {
             f.sequences += 1;
             f.prompt_tokens += usage.prompt_tokens;
             f.generated_tokens += usage.generated_tokens;
             f.queue_time = f.queue_time.max(Some(usage.queue_time));
             f.finish = Some(finish.to_owned());
-        }
+        });
     }
 
     /// Notes when the first token of the request reached the response.
     pub fn first_token(&self) {
-        if let Ok(mut f) = self.fields.lock() {
-            if f.first_token.is_none() {
-                f.first_token = Some(self.start.elapsed());
-            }
-        }
+        let at = self.start.elapsed();
+        self.with(|f| {
+            f.first_token.get_or_insert(at);
+        });
     }
 
-    fn set_status(&self, status: u16, error: Option<&'static str>) {
-        if let Ok(mut f) = self.fields.lock() {
-            f.status = status;
-            f.error = error;
-        }
+    fn set_response(&self, response: &Response) {
+        let tag = response.extensions().get::<ErrorTag>().copied();
+        let internal = response
+            .extensions()
+            .get::<InternalDetail>()
+            .map(|d| d.0.clone());
+        self.with(|f| {
+            f.status = response.status().as_u16();
+            f.error = tag;
+            f.internal = internal;
+        });
     }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
-        metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION, "route" => self.route)
-            .record(elapsed.as_secs_f64());
         let f = match self.fields.get_mut() {
             Ok(f) => f,
             Err(poisoned) => poisoned.into_inner(),
         };
+        metrics::record_request(&self.route, self.method, f.status, f.error, elapsed);
+        if let Some(detail) = &f.internal {
+            tracing::error!(request_id = %self.id, detail = %detail, "internal error");
+        }
         let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e3).round() as u64);
         // Probes and scrapes come every few seconds: their lines are debug-level unless they
         // fail, so the info log holds the traffic that matters.
-        let quiet = f.status < 400
-            && !self.route.contains("predict")
-            && !self.route.contains("generate")
-            && !self.route.contains("completions");
+        let quiet = f.status < 400 && !f.generation && f.error.is_none();
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
                     request_id = %self.id,
-                    method = %self.method,
-                    route = self.route,
+                    method = self.method,
+                    route = %self.route,
                     status = f.status,
-                    error = f.error,
+                    error = f.error.map(|e| e.error_type),
                     stream = f.stream,
                     sequences = f.sequences,
                     prompt_tokens = f.prompt_tokens,
@@ -184,31 +219,24 @@ impl Drop for RequestRecord {
     }
 }
 
-/// The outermost middleware; see the module docs.
+/// The route label of a matched pattern: a custom verb segment (`/:predict`, see
+/// [`crate::routes::split_custom_verb`]) is shown as the wire spells it (`:predict`).
+pub fn route_label(matched: Option<&MatchedPath>) -> String {
+    match matched {
+        Some(m) => m.as_str().replace("/:", ":"),
+        None => UNMATCHED.to_owned(),
+    }
+}
+
+/// The outermost layer of every route; see the module docs.
 pub async fn observe(mut req: Request, next: Next) -> Response {
     let id = request_id(&req);
-    let route = route_label(req.method(), req.uri().path());
-    let record = Arc::new(RequestRecord {
-        id: id.clone(),
-        method: req.method().clone(),
-        route,
-        start: Instant::now(),
-        fields: Mutex::new(Fields::default()),
-    });
+    let route = route_label(req.extensions().get::<MatchedPath>());
+    let record = Arc::new(RequestRecord::new(id.clone(), req.method(), route));
     req.extensions_mut().insert(Arc::clone(&record));
-    let method = req.method().to_string();
-    let span = tracing::info_span!("request", request_id = %id, route);
+    let span = tracing::info_span!("request", request_id = %id, route = %record.route);
     let mut response = next.run(req).instrument(span).await;
-    let status = response.status().as_u16();
-    let error = response.extensions().get::<ErrorTag>().map(|t| t.0);
-    record.set_status(status, error);
-    metrics::counter!(
-        crate::metrics::HTTP_REQUESTS,
-        "route" => route,
-        "method" => method,
-        "status" => status.to_string()
-    )
-    .increment(1);
+    record.set_response(&response);
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, v);
     }
@@ -220,19 +248,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_labels() {
-        let post = Method::POST;
-        let get = Method::GET;
-        assert_eq!(
-            route_label(&post, "/v1/models/x:predict"),
-            "/v1/models/{name}:predict"
-        );
-        assert_eq!(route_label(&get, "/v1/models/x"), "/v1/models/{name}");
-        assert_eq!(route_label(&get, "/"), "/");
-        assert_eq!(
-            route_label(&post, "/v2/models/x/generate_stream"),
-            "/v2/models/{name}/generate_stream"
-        );
-        assert_eq!(route_label(&get, "/etc/passwd"), "unmatched");
+    fn method_labels_are_bounded() {
+        assert_eq!(method_label(&Method::POST), "POST");
+        let made_up = Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(method_label(&made_up), "other");
     }
 }

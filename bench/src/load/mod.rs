@@ -420,7 +420,7 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 100)]
     pub requests: usize,
     /// Stop after this long even if requests remain (in-flight ones are abandoned), e.g. 60s, 5m.
-    #[arg(long, default_value = "10m", value_parser = gptj_server::cli::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = gptj_cli::parse_duration)]
     pub duration: Duration,
     /// Prompt length in tokens: `N` or a uniform range `A..B` (random words).
     #[arg(long, default_value = "128")]
@@ -439,7 +439,7 @@ pub struct LoadArgs {
     #[arg(long)]
     pub do_sample: bool,
     /// Give up on one request after this long.
-    #[arg(long, default_value = "600s", value_parser = gptj_server::cli::parse_duration)]
+    #[arg(long, default_value = "600s", value_parser = gptj_cli::parse_duration)]
     pub timeout: Duration,
     /// Sent as `Authorization: Bearer <key>`.
     #[arg(long, env = "GPTJ_LOAD_API_KEY", hide_env_values = true)]

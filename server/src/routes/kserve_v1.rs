@@ -12,31 +12,28 @@ KServe V1, the seed's API.
   objects in each).
 */
 
-use std::sync::Arc;
-
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::{check_model, json_object, respond, tenant};
-use crate::auth::KeyIndex;
-use crate::error::{ApiError, Protocol};
-use crate::generation::{collect_all, prepare, Submission};
-use crate::params::{describe, RequestParams, ValidationError};
+use crate::error::{ApiError, Wire};
+use crate::generation::Generation;
+use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
+use crate::pipeline::{check_model, generate_at, Outcome, Protocol};
 use crate::state::AppState;
-use crate::telemetry::RequestRecord;
 
-/// The V1 routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
+/// The V1 routes: `open` ones need no key, `generation` ones do.
+pub fn routes() -> (Router<AppState>, Router<AppState>) {
+    let open = Router::new()
         .route("/", get(live))
         .route("/v1/models", get(list_models))
-        .route("/v1/models/{name}", get(model_ready).post(predict))
+        .route("/v1/models/{name}", get(model_ready));
+    let generation =
+        Router::new().route("/v1/models/{name}/:predict", post(generate_at::<KserveV1>));
+    (open, generation)
 }
 
 async fn live(State(state): State<AppState>) -> Response {
@@ -60,220 +57,147 @@ async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) ->
             Err(ApiError::NotReady(name.clone()))
         }
     });
-    respond(result, Protocol::KserveV1)
+    result.unwrap_or_else(|e| e.into_response(Wire::KserveV1))
 }
 
-/// A parsed `:predict` body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PredictRequest {
-    /// The prompts.
-    pub instances: Vec<String>,
-    /// The `parameters` object.
-    pub params: RequestParams,
-}
+/// KServe V1 `:predict`.
+pub struct KserveV1;
 
-/// Parses and checks a `:predict` body (everything that does not need the tokenizer).
-pub fn parse_predict(
-    body: &Map<String, Value>,
-    max_instances: usize,
-    max_return_sequences: usize,
-) -> Result<PredictRequest, ValidationError> {
-    for key in body.keys() {
-        if !matches!(key.as_str(), "instances" | "inputs" | "parameters") {
-            return Err(ValidationError::UnknownField {
-                field: key.clone(),
-                known: "instances (or inputs), parameters".into(),
+impl Protocol for KserveV1 {
+    const WIRE: Wire = Wire::KserveV1;
+    const DIALECT: Dialect = Dialect {
+        prefix: "parameters",
+        aliases: &[],
+        names: Names::All,
+    };
+    type Request = Generation;
+
+    fn prompt_name(i: usize) -> String {
+        format!("instance {i}")
+    }
+
+    fn parse(body: &Map<String, Value>, limits: Limits) -> Result<Generation, ValidationError> {
+        for key in body.keys() {
+            if !matches!(key.as_str(), "instances" | "inputs" | "parameters") {
+                return Err(ValidationError::UnknownField {
+                    field: key.clone(),
+                    known: "instances (or inputs), parameters".into(),
+                });
+            }
+        }
+        let (field, instances) = match (body.get("instances"), body.get("inputs")) {
+            (Some(_), Some(_)) => {
+                return Err(ValidationError::Conflict {
+                    a: "instances".into(),
+                    b: "inputs".into(),
+                })
+            }
+            (Some(v), None) => ("instances", v),
+            (None, Some(v)) => ("inputs", v),
+            (None, None) => {
+                return Err(ValidationError::Missing {
+                    field: "instances".into(),
+                    what: "an array of prompt strings",
+                })
+            }
+        };
+        let list = instances
+            .as_array()
+            .ok_or_else(|| ValidationError::WrongType {
+                field: field.into(),
+                expected: "an array of prompt strings",
+                got: describe(instances),
+            })?;
+        if list.is_empty() {
+            return Err(ValidationError::EmptyInstances);
+        }
+        if list.len() > limits.max_prompts {
+            return Err(ValidationError::TooManyInstances {
+                given: list.len(),
+                max: limits.max_prompts,
             });
         }
-    }
-    let (field, instances) = match (body.get("instances"), body.get("inputs")) {
-        (Some(_), Some(_)) => {
-            return Err(ValidationError::Conflict {
-                a: "instances".into(),
-                b: "inputs".into(),
+        let prompts = list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ValidationError::WrongType {
+                        field: format!("{field}[{i}]"),
+                        expected: "a string (the prompt)",
+                        got: describe(v),
+                    })
             })
-        }
-        (Some(v), None) => ("instances", v),
-        (None, Some(v)) => ("inputs", v),
-        (None, None) => {
-            return Err(ValidationError::Missing {
-                field: "instances".into(),
-                what: "an array of prompt strings",
-            })
-        }
-    };
-    let list = instances
-        .as_array()
-        .ok_or_else(|| ValidationError::WrongType {
-            field: field.into(),
-            expected: "an array of prompt strings",
-            got: describe(instances),
-        })?;
-    if list.is_empty() {
-        return Err(ValidationError::EmptyInstances);
-    }
-    if list.len() > max_instances {
-        return Err(ValidationError::TooManyInstances {
-            given: list.len(),
-            max: max_instances,
-        });
-    }
-    let instances = list
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| ValidationError::WrongType {
-                    field: format!("{field}[{i}]"),
-                    expected: "a string (the prompt)",
-                    got: describe(v),
-                })
+            .collect::<Result<Vec<_>, _>>()?;
+        let params = parameters(body, Self::DIALECT, limits)?;
+        Ok(Generation {
+            model: None,
+            prompts,
+            params,
+            stream: false,
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let params = match body.get("parameters") {
-        None | Some(Value::Null) => RequestParams {
-            prefix: "parameters".into(),
-            ..Default::default()
-        },
-        Some(Value::Object(obj)) => {
-            RequestParams::from_object(obj, "parameters", &[], max_return_sequences)?
-        }
-        Some(other) => {
-            return Err(ValidationError::WrongType {
-                field: "parameters".into(),
-                expected: "an object",
-                got: describe(other),
+    }
+
+    fn generation(req: &Generation) -> &Generation {
+        req
+    }
+
+    fn render(_: &Generation, out: &Outcome<'_>) -> Value {
+        let k = out.submitted.per_prompt.max(1);
+        let mut predictions: Vec<Value> = (0..out.prompts.len())
+            .map(|i| {
+                (i * k..(i + 1) * k)
+                    .map(|seq| json!({"generated_text": out.text(seq)}))
+                    .collect()
             })
-        }
-    };
-    Ok(PredictRequest { instances, params })
+            .collect();
+        // The seed's shapes: one instance gives its list of objects directly.
+        let predictions = if predictions.len() == 1 {
+            predictions.swap_remove(0)
+        } else {
+            Value::Array(predictions)
+        };
+        json!({ "predictions": predictions })
+    }
 }
 
-fn instance_at(i: usize) -> String {
-    format!("instance {i}")
-}
-
-async fn predict(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    Extension(record): Extension<Arc<RequestRecord>>,
-    key: Option<Extension<KeyIndex>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let tenant = tenant(&state, &headers, key.map(|Extension(k)| k));
-    respond(
-        predict_inner(state, name, record, tenant, body).await,
-        Protocol::KserveV1,
-    )
-}
-
-async fn predict_inner(
-    state: AppState,
-    name: String,
-    record: Arc<RequestRecord>,
-    tenant: Option<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let Some(model) = name.strip_suffix(":predict") else {
-        return Err(ApiError::RouteNotFound {
-            method: "POST".into(),
-            path: format!("/v1/models/{name} (use /v1/models/<name>:predict)"),
-        });
-    };
-    check_model(&state, model)?;
-    let (_guard, backend) = state.admit()?;
-    let config = state.config();
-    let body = json_object(body, config.body_limit)?;
-    let req = parse_predict(
-        &body,
-        config.max_instances,
-        config.max_sequences_per_request,
-    )?;
-    let deadline = record.start() + config.request_timeout;
-    let prepared = prepare(
-        config,
-        &backend,
-        Submission {
-            prompts: &req.instances,
-            params: &req.params,
-            at: instance_at,
-            tenant,
-            deadline,
-        },
-    )
-    .await?;
-    let k = prepared.per_prompt;
-    let finished = collect_all(prepared.streams, &record, deadline, config.request_timeout).await?;
-    let mut predictions: Vec<Value> = req
-        .instances
-        .iter()
-        .zip(&prepared.plans)
-        .zip(finished.chunks(k))
-        .map(|((prompt, plan), seqs)| {
-            let objs = seqs
-                .iter()
-                .map(|f| {
-                    let text = if plan.return_full_text {
-                        format!("{prompt}{}", f.text)
-                    } else {
-                        f.text.clone()
-                    };
-                    json!({"generated_text": text})
-                })
-                .collect();
-            Value::Array(objs)
-        })
-        .collect();
-    // The seed's shapes: one instance gives its list of objects directly.
-    let predictions = if predictions.len() == 1 {
-        predictions.swap_remove(0)
-    } else {
-        Value::Array(predictions)
-    };
-    Ok(Json(json!({ "predictions": predictions })).into_response())
+/// The `parameters` object of a KServe body (V1 and OIP): absent or null is no parameters.
+pub fn parameters(
+    body: &Map<String, Value>,
+    dialect: Dialect,
+    limits: Limits,
+) -> Result<crate::params::RequestParams, ValidationError> {
+    match body.get("parameters") {
+        None | Some(Value::Null) => Ok(Default::default()),
+        Some(Value::Object(obj)) => ParamsReader::new(dialect, limits).read_object(obj),
+        Some(other) => Err(ValidationError::WrongType {
+            field: "parameters".into(),
+            expected: "an object",
+            got: describe(other),
+        }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(v: Value) -> Result<PredictRequest, ValidationError> {
-        parse_predict(v.as_object().unwrap(), 4, 8)
+    fn parse(v: Value) -> Result<Generation, ValidationError> {
+        KserveV1::parse(
+            v.as_object().unwrap(),
+            Limits {
+                max_sequences: 8,
+                max_prompts: 4,
+            },
+        )
     }
 
     #[test]
     fn seed_body() {
         let r = parse(json!({"parameters": {"min_length":150,"max_length":200}, "instances": ["In a shocking finding"]})).unwrap();
-        assert_eq!(r.instances, vec!["In a shocking finding"]);
+        assert_eq!(r.prompts, vec!["In a shocking finding"]);
         assert_eq!(r.params.max_length, Some(200));
-    }
-
-    #[test]
-    fn instance_errors() {
-        let cases = [
-            (json!({}), "missing `instances"),
-            (json!({"instances": "hi"}), "`instances` must be an array"),
-            (json!({"instances": []}), "`instances` is empty"),
-            (
-                json!({"instances": ["a", 3]}),
-                "`instances[1]` must be a string",
-            ),
-            (json!({"instances": ["a","b","c","d","e"]}), "at most 4"),
-            (
-                json!({"instances": ["a"], "parameters": [1]}),
-                "`parameters` must be an object",
-            ),
-            (
-                json!({"instances": ["a"], "params": {}}),
-                "unknown parameter `params`",
-            ),
-            (json!({"instances": ["a"], "inputs": ["b"]}), "only one"),
-        ];
-        for (body, needle) in cases {
-            let msg = parse(body.clone()).unwrap_err().to_string();
-            assert!(msg.contains(needle), "{body}: {msg}");
-        }
+        assert!(!r.stream);
     }
 }
