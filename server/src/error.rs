@@ -65,14 +65,14 @@ pub enum ApiError {
         path: String,
     },
     /// The route exists but not with this method.
-    #[error("method {method} is not allowed on {path} (allowed: {allowed})")]
+    #[error(
+        "method {method} is not allowed on {path}; the Allow header lists the methods it takes"
+    )]
     MethodNotAllowed {
         /// The request method.
         method: String,
         /// The request path.
         path: String,
-        /// The methods the route takes (the `Allow` header).
-        allowed: String,
     },
     /// The model is still loading (or warming up).
     #[error("Model with name {0} is not ready.")]

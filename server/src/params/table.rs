@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use super::json::{read_bool, read_float, read_stop, read_uint};
 use super::ValidationError;
+use crate::cli::GenerationArgs;
 
 type Result<T, E = ValidationError> = std::result::Result<T, E>;
 
@@ -140,6 +141,8 @@ pub struct Param {
     pub kind: Kind,
     /// The flag whose value applies when a request does not set it.
     pub default_flag: &'static str,
+    /// That flag's value, for the docs (`None`: unset).
+    pub default: fn(&GenerationArgs) -> Option<String>,
     /// One line for the docs.
     pub doc: &'static str,
 }
@@ -154,6 +157,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.max_length = Some(v as usize),
         },
         default_flag: "--max-length",
+        default: |a| a.max_length.map(|v| v.to_string()),
         doc: "total length at most, prompt included (HuggingFace's `max_length`)",
     },
     Param {
@@ -164,6 +168,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.min_length = Some(v as usize),
         },
         default_flag: "--min-length",
+        default: |a| a.min_length.map(|v| v.to_string()),
         doc: "total length at least, prompt included; end-of-text is suppressed until then",
     },
     Param {
@@ -174,6 +179,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.max_new_tokens = Some(v as usize),
         },
         default_flag: "--max-new-tokens",
+        default: |a| Some(a.max_new_tokens.to_string()),
         doc: "new tokens at most (instead of `max_length`)",
     },
     Param {
@@ -184,6 +190,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.min_new_tokens = Some(v as usize),
         },
         default_flag: "--min-new-tokens",
+        default: |a| Some(a.min_new_tokens.to_string()),
         doc: "new tokens at least (instead of `min_length`)",
     },
     Param {
@@ -192,6 +199,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.do_sample = Some(v),
         },
         default_flag: "--do-sample",
+        default: |a| Some(a.do_sample.to_string()),
         doc: "sample (true) or decode greedily (false)",
     },
     Param {
@@ -201,7 +209,8 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.temperature = Some(v as f32),
         },
         default_flag: "--temperature",
-        doc: "sampling temperature; 0 is greedy",
+        default: |a| Some(a.temperature.to_string()),
+        doc: "logits are divided by it; 0 is greedy",
     },
     Param {
         name: "top_k",
@@ -211,6 +220,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.top_k = Some(v.min(u64::from(u32::MAX)) as usize),
         },
         default_flag: "--top-k",
+        default: |a| Some(a.top_k.to_string()),
         doc: "keep the k most likely tokens; 0 turns it off",
     },
     Param {
@@ -220,6 +230,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.top_p = Some(v as f32),
         },
         default_flag: "--top-p",
+        default: |a| Some(a.top_p.to_string()),
         doc: "nucleus sampling mass; 1 turns it off",
     },
     Param {
@@ -229,6 +240,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.repetition_penalty = Some(v as f32),
         },
         default_flag: "--repetition-penalty",
+        default: |a| Some(a.repetition_penalty.to_string()),
         doc: "HuggingFace's penalty on tokens already in the context; 1 turns it off",
     },
     Param {
@@ -239,6 +251,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.seed = Some(v),
         },
         default_flag: "--seed",
+        default: |a| a.seed.map(|v| v.to_string()),
         doc: "seed of the first sequence (sequence j uses seed + j); random without one",
     },
     Param {
@@ -249,6 +262,7 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.num_return_sequences = Some(v as usize),
         },
         default_flag: "--num-return-sequences",
+        default: |a| Some(a.num_return_sequences.to_string()),
         doc: "sequences to generate for each prompt",
     },
     Param {
@@ -256,7 +270,8 @@ pub const PARAMETERS: &[Param] = &[
         kind: Kind::Stop {
             store: |p, v| p.stop = Some(v),
         },
-        default_flag: "(none)",
+        default_flag: "",
+        default: |_| None,
         doc: "stop strings (up to 8, each 1 to 256 bytes): generation ends at the first; it is not returned",
     },
     Param {
@@ -265,7 +280,8 @@ pub const PARAMETERS: &[Param] = &[
             store: |p, v| p.return_full_text = Some(v),
         },
         default_flag: "--return-full-text",
-        doc: "whether the returned text starts with the prompt",
+        default: |a| Some(a.return_full_text.to_string()),
+        doc: "whether the returned text starts with the prompt (the flag is V1's default; OIP and OpenAI default to false)",
     },
 ];
 
@@ -480,9 +496,12 @@ impl ParamsReader {
     }
 }
 
-/// The parameters table as Markdown, for docs/api.md (a test keeps the two equal).
-pub fn markdown(limits: Limits) -> String {
-    let mut out = String::from("| parameter | values | default | meaning |\n|---|---|---|---|\n");
+/// The parameters table as Markdown, for docs/api.md (a test keeps the two equal), with the
+/// defaults `defaults` gives.
+pub fn markdown(limits: Limits, defaults: &GenerationArgs) -> String {
+    let mut out = String::from(
+        "| parameter | values | server default (flag) | meaning |\n|---|---|---|---|\n",
+    );
     for p in PARAMETERS {
         let range = match p.kind {
             Kind::Uint {
@@ -491,9 +510,15 @@ pub fn markdown(limits: Limits) -> String {
             } => "an integer in [1, `--max-sequences-per-request`]".to_owned(),
             _ => p.range(limits),
         };
+        let value = (p.default)(defaults).map_or("none".to_owned(), |v| format!("`{v}`"));
+        let default = if p.default_flag.is_empty() {
+            value
+        } else {
+            format!("{value} (`{}`)", p.default_flag)
+        };
         out.push_str(&format!(
-            "| `{}` | {} | `{}` | {} |\n",
-            p.name, range, p.default_flag, p.doc
+            "| `{}` | {range} | {default} | {} |\n",
+            p.name, p.doc
         ));
     }
     out
@@ -626,11 +651,20 @@ mod tests {
     /// docs/api.md carries the table as [`markdown`] prints it.
     #[test]
     fn docs_list_every_parameter() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            g: GenerationArgs,
+        }
         let docs = include_str!("../../../docs/api.md");
-        let table = markdown(Limits {
-            max_sequences: 64,
-            max_prompts: 32,
-        });
+        let table = markdown(
+            Limits {
+                max_sequences: 64,
+                max_prompts: 32,
+            },
+            &T::parse_from(["t"]).g,
+        );
         assert!(
             docs.contains(&table),
             "docs/api.md must contain the parameters table exactly as generated:\n{table}"

@@ -27,12 +27,12 @@ use crate::state::AppState;
 
 /// The V1 routes: `open` ones need no key, `generation` ones do.
 pub fn routes() -> (Router<AppState>, Router<AppState>) {
-    let open = Router::new()
+    let open = super::group()
         .route("/", get(live))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(model_ready));
     let generation =
-        Router::new().route("/v1/models/{name}/:predict", post(generate_at::<KserveV1>));
+        super::group().route("/v1/models/{name}/:predict", post(generate_at::<KserveV1>));
     (open, generation)
 }
 

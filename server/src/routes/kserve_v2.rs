@@ -33,13 +33,13 @@ use crate::state::AppState;
 
 /// The V2 routes: `open` ones need no key, `generation` ones do.
 pub fn routes() -> (Router<AppState>, Router<AppState>) {
-    let open = Router::new()
+    let open = super::group()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready));
-    let generation = Router::new()
+    let generation = super::group()
         .route(
             "/v2/models/{name}/generate",
             post(generate_at::<OipGenerate<false>>),

@@ -53,6 +53,13 @@ pub fn app(state: AppState) -> App {
     router(state).map_request(f)
 }
 
+/// An empty group of routes. axum 0.8 refuses path segments that start with `:` (0.7's
+/// capture syntax) unless told otherwise, on every router merged into the app; the
+/// custom-verb segment `/:predict` is one, so every group starts here.
+pub fn group() -> Router<AppState> {
+    Router::new().without_v07_checks()
+}
+
 /// The router alone (without the custom-verb rewrite).
 pub fn router(state: AppState) -> Router {
     let (v1_open, v1_generation) = kserve_v1::routes();
@@ -69,7 +76,7 @@ pub fn router(state: AppState) -> Router {
     let open = |routes: Router<AppState>, wire: Wire| {
         routes.route_layer(from_fn_with_state(wire, errors_in))
     };
-    Router::new()
+    group()
         .merge(open(v1_open, Wire::KserveV1))
         .merge(keyed(v1_generation, Wire::KserveV1).route_layer(from_fn(only_via_custom_verb)))
         .merge(open(v2_open, Wire::Oip))
@@ -133,25 +140,12 @@ async fn errors_in(State(wire): State<Wire>, req: Request, next: Next) -> Respon
     let method = req.method().to_string();
     let path = original_path(req.uri());
     let response = next.run(req).await;
+    // axum's own 405 (no ErrorTag: not one of ours) gets the group's body; axum adds the
+    // `Allow` header on the way out.
     if response.status() == StatusCode::METHOD_NOT_ALLOWED
         && response.extensions().get::<ErrorTag>().is_none()
     {
-        let allow = response.headers().get(header::ALLOW).cloned();
-        let allowed = allow
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let mut r = ApiError::MethodNotAllowed {
-            method,
-            path,
-            allowed,
-        }
-        .into_response(wire);
-        if let Some(allow) = allow {
-            r.headers_mut().insert(header::ALLOW, allow);
-        }
-        return r;
+        return ApiError::MethodNotAllowed { method, path }.into_response(wire);
     }
     response
 }

@@ -31,7 +31,7 @@ use crate::state::AppState;
 
 /// The OpenAI routes; all of them need a key, as OpenAI's own do.
 pub fn routes() -> Router<AppState> {
-    Router::new()
+    super::group()
         .route("/openai/v1/models", get(list_models))
         .route("/openai/v1/completions", post(generate::<Completions>))
 }
