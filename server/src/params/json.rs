@@ -166,3 +166,21 @@ pub fn read_stop(field: &str, v: &Value) -> Result<Vec<String>> {
         })
         .collect()
 }
+
+/// Every element of `items` (the array at `field`) as a string; `expected` says what each
+/// must be in the message.
+pub fn read_strings(field: &str, items: &[Value], expected: &'static str) -> Result<Vec<String>> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| ValidationError::WrongType {
+                    field: format!("{field}[{i}]"),
+                    expected,
+                    got: describe(v),
+                })
+        })
+        .collect()
+}

@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{ApiError, Wire};
 use crate::generation::Generation;
+use crate::params::json::read_strings;
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
 use crate::pipeline::{check_model, generate_at, Outcome, Protocol};
 use crate::state::AppState;
@@ -117,19 +118,7 @@ impl Protocol for KserveV1 {
                 max: limits.max_prompts,
             });
         }
-        let prompts = list
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| ValidationError::WrongType {
-                        field: format!("{field}[{i}]"),
-                        expected: "a string (the prompt)",
-                        got: describe(v),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let prompts = read_strings(field, list, "a string (the prompt)")?;
         let params = parameters(body, Self::DIALECT, limits)?;
         Ok(Generation {
             model: None,

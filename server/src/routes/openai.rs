@@ -23,7 +23,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::Wire;
 use crate::generation::Generation;
-use crate::params::json::{read_bool, read_float, read_string, read_uint};
+use crate::params::json::{read_bool, read_float, read_string, read_strings, read_uint};
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
 use crate::pipeline::{generate, usage_json, Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
@@ -267,18 +267,7 @@ fn parse_prompts(v: &Value, max_prompts: usize) -> Result<Vec<String>, Validatio
                     max: max_prompts,
                 });
             }
-            a.iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    p.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| ValidationError::WrongType {
-                            field: format!("prompt[{i}]"),
-                            expected,
-                            got: describe(p),
-                        })
-                })
-                .collect()
+            read_strings("prompt", a, expected)
         }
         other => Err(ValidationError::WrongType {
             field: "prompt".into(),
