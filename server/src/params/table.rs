@@ -149,140 +149,55 @@ pub struct Param {
 
 /// Every generation parameter. The order is the docs' order.
 pub const PARAMETERS: &[Param] = &[
-    Param {
-        name: "max_length",
-        kind: Kind::Uint {
-            min: 1,
-            max: UintMax::Length,
-            store: |p, v| p.max_length = Some(v as usize),
-        },
-        default_flag: "--max-length",
-        default: |a| a.max_length.map(|v| v.to_string()),
-        doc: "total length at most, prompt included (HuggingFace's `max_length`)",
-    },
-    Param {
-        name: "min_length",
-        kind: Kind::Uint {
-            min: 0,
-            max: UintMax::Length,
-            store: |p, v| p.min_length = Some(v as usize),
-        },
-        default_flag: "--min-length",
-        default: |a| a.min_length.map(|v| v.to_string()),
-        doc: "total length at least, prompt included; end-of-text is suppressed until then",
-    },
-    Param {
-        name: "max_new_tokens",
-        kind: Kind::Uint {
-            min: 1,
-            max: UintMax::Length,
-            store: |p, v| p.max_new_tokens = Some(v as usize),
-        },
-        default_flag: "--max-new-tokens",
-        default: |a| Some(a.max_new_tokens.to_string()),
-        doc: "new tokens at most (instead of `max_length`)",
-    },
-    Param {
-        name: "min_new_tokens",
-        kind: Kind::Uint {
-            min: 0,
-            max: UintMax::Length,
-            store: |p, v| p.min_new_tokens = Some(v as usize),
-        },
-        default_flag: "--min-new-tokens",
-        default: |a| Some(a.min_new_tokens.to_string()),
-        doc: "new tokens at least (instead of `min_length`)",
-    },
-    Param {
-        name: "do_sample",
-        kind: Kind::Bool {
-            store: |p, v| p.do_sample = Some(v),
-        },
-        default_flag: "--do-sample",
-        default: |a| Some(a.do_sample.to_string()),
-        doc: "sample (true) or decode greedily (false)",
-    },
-    Param {
-        name: "temperature",
-        kind: Kind::Float {
-            range: FloatRange::NonNegative,
-            store: |p, v| p.temperature = Some(v as f32),
-        },
-        default_flag: "--temperature",
-        default: |a| Some(a.temperature.to_string()),
-        doc: "logits are divided by it; 0 is greedy",
-    },
-    Param {
-        name: "top_k",
-        kind: Kind::Uint {
-            min: 0,
-            max: UintMax::None,
-            store: |p, v| p.top_k = Some(v.min(u64::from(u32::MAX)) as usize),
-        },
-        default_flag: "--top-k",
-        default: |a| Some(a.top_k.to_string()),
-        doc: "keep the k most likely tokens; 0 turns it off",
-    },
-    Param {
-        name: "top_p",
-        kind: Kind::Float {
-            range: FloatRange::UnitInterval,
-            store: |p, v| p.top_p = Some(v as f32),
-        },
-        default_flag: "--top-p",
-        default: |a| Some(a.top_p.to_string()),
-        doc: "nucleus sampling mass; 1 turns it off",
-    },
-    Param {
-        name: "repetition_penalty",
-        kind: Kind::Float {
-            range: FloatRange::Positive,
-            store: |p, v| p.repetition_penalty = Some(v as f32),
-        },
-        default_flag: "--repetition-penalty",
-        default: |a| Some(a.repetition_penalty.to_string()),
-        doc: "HuggingFace's penalty on tokens already in the context; 1 turns it off",
-    },
-    Param {
-        name: "seed",
-        kind: Kind::Uint {
-            min: 0,
-            max: UintMax::None,
-            store: |p, v| p.seed = Some(v),
-        },
-        default_flag: "--seed",
-        default: |a| a.seed.map(|v| v.to_string()),
-        doc: "seed of the first sequence (sequence j uses seed + j); random without one",
-    },
-    Param {
-        name: "num_return_sequences",
-        kind: Kind::Uint {
-            min: 1,
-            max: UintMax::Sequences,
-            store: |p, v| p.num_return_sequences = Some(v as usize),
-        },
-        default_flag: "--num-return-sequences",
-        default: |a| Some(a.num_return_sequences.to_string()),
-        doc: "sequences to generate for each prompt",
-    },
-    Param {
-        name: "stop",
-        kind: Kind::Stop {
-            store: |p, v| p.stop = Some(v),
-        },
-        default_flag: "",
-        default: |_| None,
-        doc: "stop strings (up to 8, each 1 to 256 bytes): generation ends at the first; it is not returned",
-    },
-    Param {
-        name: "return_full_text",
-        kind: Kind::Bool {
-            store: |p, v| p.return_full_text = Some(v),
-        },
-        default_flag: "--return-full-text",
-        default: |a| Some(a.return_full_text.to_string()),
-        doc: "whether the returned text starts with the prompt (the flag is V1's default; OIP and OpenAI default to false)",
-    },
+    Param::uint("max_length", 1, UintMax::Length, |p, v| p.max_length = Some(v as usize))
+        .default("--max-length", |a| a.max_length.map(|v| v.to_string()))
+        .doc("total length at most, prompt included (HuggingFace's `max_length`)"),
+    Param::uint("min_length", 0, UintMax::Length, |p, v| p.min_length = Some(v as usize))
+        .default("--min-length", |a| a.min_length.map(|v| v.to_string()))
+        .doc("total length at least, prompt included; end-of-text is suppressed until then"),
+    Param::uint("max_new_tokens", 1, UintMax::Length, |p, v| {
+        p.max_new_tokens = Some(v as usize)
+    })
+    .default("--max-new-tokens", |a| Some(a.max_new_tokens.to_string()))
+    .doc("new tokens at most (instead of `max_length`)"),
+    Param::uint("min_new_tokens", 0, UintMax::Length, |p, v| {
+        p.min_new_tokens = Some(v as usize)
+    })
+    .default("--min-new-tokens", |a| Some(a.min_new_tokens.to_string()))
+    .doc("new tokens at least (instead of `min_length`)"),
+    Param::bool("do_sample", |p, v| p.do_sample = Some(v))
+        .default("--do-sample", |a| Some(a.do_sample.to_string()))
+        .doc("sample (true) or decode greedily (false)"),
+    Param::float("temperature", FloatRange::NonNegative, |p, v| p.temperature = Some(v as f32))
+        .default("--temperature", |a| Some(a.temperature.to_string()))
+        .doc("logits are divided by it; 0 is greedy"),
+    Param::uint("top_k", 0, UintMax::None, |p, v| {
+        p.top_k = Some(v.min(u64::from(u32::MAX)) as usize)
+    })
+    .default("--top-k", |a| Some(a.top_k.to_string()))
+    .doc("keep the k most likely tokens; 0 turns it off"),
+    Param::float("top_p", FloatRange::UnitInterval, |p, v| p.top_p = Some(v as f32))
+        .default("--top-p", |a| Some(a.top_p.to_string()))
+        .doc("nucleus sampling mass; 1 turns it off"),
+    Param::float("repetition_penalty", FloatRange::Positive, |p, v| {
+        p.repetition_penalty = Some(v as f32)
+    })
+    .default("--repetition-penalty", |a| Some(a.repetition_penalty.to_string()))
+    .doc("HuggingFace's penalty on tokens already in the context; 1 turns it off"),
+    Param::uint("seed", 0, UintMax::None, |p, v| p.seed = Some(v))
+        .default("--seed", |a| a.seed.map(|v| v.to_string()))
+        .doc("seed of the first sequence (sequence j uses seed + j); random without one"),
+    Param::uint("num_return_sequences", 1, UintMax::Sequences, |p, v| {
+        p.num_return_sequences = Some(v as usize)
+    })
+    .default("--num-return-sequences", |a| Some(a.num_return_sequences.to_string()))
+    .doc("sequences to generate for each prompt"),
+    Param::stop("stop", |p, v| p.stop = Some(v)).doc(
+        "stop strings (up to 8, each 1 to 256 bytes): generation ends at the first; it is not returned",
+    ),
+    Param::bool("return_full_text", |p, v| p.return_full_text = Some(v))
+        .default("--return-full-text", |a| Some(a.return_full_text.to_string()))
+        .doc("whether the returned text starts with the prompt (the flag is V1's default; OIP and OpenAI default to false)"),
 ];
 
 /// The parameter named `name` in the table.
@@ -291,6 +206,58 @@ pub fn param(name: &str) -> Option<&'static Param> {
 }
 
 impl Param {
+    const fn new(name: &'static str, kind: Kind) -> Self {
+        Self {
+            name,
+            kind,
+            default_flag: "",
+            default: |_| None,
+            doc: "",
+        }
+    }
+
+    const fn uint(
+        name: &'static str,
+        min: u64,
+        max: UintMax,
+        store: fn(&mut RequestParams, u64),
+    ) -> Self {
+        Self::new(name, Kind::Uint { min, max, store })
+    }
+
+    const fn float(
+        name: &'static str,
+        range: FloatRange,
+        store: fn(&mut RequestParams, f64),
+    ) -> Self {
+        Self::new(name, Kind::Float { range, store })
+    }
+
+    const fn bool(name: &'static str, store: fn(&mut RequestParams, bool)) -> Self {
+        Self::new(name, Kind::Bool { store })
+    }
+
+    const fn stop(name: &'static str, store: fn(&mut RequestParams, Vec<String>)) -> Self {
+        Self::new(name, Kind::Stop { store })
+    }
+
+    /// The flag that sets the default, and how to read its value from the parsed flags.
+    const fn default(
+        self,
+        flag: &'static str,
+        value: fn(&GenerationArgs) -> Option<String>,
+    ) -> Self {
+        Self {
+            default_flag: flag,
+            default: value,
+            ..self
+        }
+    }
+
+    const fn doc(self, doc: &'static str) -> Self {
+        Self { doc, ..self }
+    }
+
     /// The range in words, as messages and docs say it.
     pub fn range(&self, limits: Limits) -> String {
         match self.kind {
