@@ -135,6 +135,24 @@ pub struct HttpArgs {
     /// Log line format.
     #[arg(long, env = "GPTJ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Most TCP connections open at once; past it a new connection gets a short 503 and is
+    /// closed, and the others are served as before.
+    #[arg(long, env = "GPTJ_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// How long a request head may take to arrive, from its first byte (slowloris bound).
+    #[arg(long, env = "GPTJ_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// How long an idle keep-alive connection may wait for its next request. Above the
+    /// idle timeouts of common load balancers (60 s), so they close first.
+    #[arg(long, env = "GPTJ_KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub keep_alive_timeout: Duration,
+    /// How long reading a request body may take; past it the request gets 408.
+    #[arg(long, env = "GPTJ_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+    /// How long writing a response may make no progress (a client that stopped reading);
+    /// past it the connection is closed and the request's jobs are cancelled.
+    #[arg(long, env = "GPTJ_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
     /// Request header whose value names the tenant (for fair scheduling between tenants).
     #[arg(long, env = "GPTJ_TENANT_HEADER", default_value = "x-tenant-id")]
     pub tenant_header: String,

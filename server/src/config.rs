@@ -72,6 +72,23 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Header naming the tenant.
     pub tenant_header: HeaderName,
+    /// How long reading a request body may take.
+    pub body_read_timeout: Duration,
+    /// The connection layer's bounds.
+    pub connections: ConnectionLimits,
+}
+
+/// The bounds of the connection layer ([`crate::listener`]), from the HTTP flags.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// How long a request head may take from its first byte.
+    pub header_read_timeout: Duration,
+    /// How long an idle keep-alive connection waits for a new request.
+    pub keep_alive_timeout: Duration,
+    /// How long a write may make no progress.
+    pub write_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -118,7 +135,22 @@ impl ServerConfig {
             request_timeout: h.request_timeout,
             shutdown_timeout: h.shutdown_timeout,
             tenant_header,
+            body_read_timeout: nonzero("--body-read-timeout", h.body_read_timeout)?,
+            connections: ConnectionLimits {
+                max_connections: h.max_connections as usize,
+                header_read_timeout: nonzero("--header-read-timeout", h.header_read_timeout)?,
+                keep_alive_timeout: nonzero("--keep-alive-timeout", h.keep_alive_timeout)?,
+                write_timeout: nonzero("--write-timeout", h.write_timeout)?,
+            },
         })
+    }
+}
+
+fn nonzero(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::Range { flag, what: "> 0" })
+    } else {
+        Ok(d)
     }
 }
 

@@ -11,6 +11,7 @@ and body of the route group's [`Wire`]:
 | model not found / no route | 404 | 404 | 404 |
 | method not allowed | 405 | 405 | 405 |
 | body too large | 413 | 413 | 413 |
+| body too slow | 408 | 408 | 408 |
 | overloaded (queue full) | 429 + Retry-After | 429 + Retry-After | 429 + Retry-After |
 | loading, draining, cancelled by shutdown | 503 | 503 | 503 |
 | request timeout | 504 | 504 | 504 |
@@ -101,6 +102,9 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The body did not arrive within `--body-read-timeout`.
+    #[error("the request body did not arrive within {} s", .0.as_secs_f64())]
+    BodyTimeout(Duration),
     /// The body could not be read (the client sent a broken or truncated one).
     #[error("cannot read the request body: {0}")]
     BadBody(String),
@@ -144,6 +148,7 @@ impl ApiError {
             Self::Overloaded { .. } => "overloaded",
             Self::Unauthorized => "unauthorized",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::Timeout(_) => "timeout",
             Self::Generation(_) => "generation",
             Self::Internal(_) => "internal",
@@ -174,6 +179,7 @@ impl ApiError {
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Generation(_) if wire == Wire::Oip => StatusCode::FAILED_DEPENDENCY,
             Self::Generation(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -28,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod generate_cmd;
 pub mod generation;
+pub mod listener;
 pub mod metrics;
 pub mod params;
 pub mod pipeline;

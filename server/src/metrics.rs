@@ -37,6 +37,10 @@ pub const REQUEST_GENERATION_TOKENS: &str = "gptj_request_generation_tokens";
 pub const SERVER_READY: &str = "gptj_server_ready";
 /// Gauge: 1 while the engine thread runs, 0 once it has stopped.
 pub const ENGINE_ALIVE: &str = "gptj_engine_alive";
+/// Gauge: TCP connections open.
+pub const CONNECTIONS_OPEN: &str = "gptj_http_connections_open";
+/// Counter: connections refused at `--max-connections`.
+pub const CONNECTIONS_REFUSED: &str = "gptj_http_connections_refused_total";
 
 /// vLLM's TTFT buckets.
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -126,6 +130,21 @@ pub fn record_request(
     }
 }
 
+/// A connection was accepted.
+pub fn connection_opened() {
+    metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
+}
+
+/// An accepted connection ended.
+pub fn connection_closed() {
+    metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+}
+
+/// A connection was refused at the cap.
+pub fn connection_refused() {
+    metrics::counter!(CONNECTIONS_REFUSED).increment(1);
+}
+
 /// Describes the metrics this crate records (help text and units).
 pub fn describe() {
     describe_counter!(
@@ -157,6 +176,11 @@ pub fn describe() {
     describe_gauge!(
         SERVER_READY,
         "1 when the model is loaded and the server takes work, 0 while loading or draining"
+    );
+    describe_gauge!(CONNECTIONS_OPEN, "TCP connections open");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused because --max-connections were open"
     );
     describe_gauge!(
         ENGINE_ALIVE,

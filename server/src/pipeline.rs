@@ -207,10 +207,18 @@ pub fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Reads the whole body, at most `limit` bytes. The content type is not checked: `curl -d`
-/// sends `application/x-www-form-urlencoded`, and the seed's commands must work as they are.
-async fn read_json(body: Body, limit: usize) -> Result<Map<String, Value>, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads the whole body, at most `limit` bytes within `timeout`. The content type is not
+/// checked: `curl -d` sends `application/x-www-form-urlencoded`, and the seed's commands must
+/// work as they are.
+async fn read_json(
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Map<String, Value>, ApiError> {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(timeout))?;
+    let bytes = read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -241,7 +249,7 @@ async fn run<P: Protocol>(
     }
     let (guard, backend) = state.admit()?;
     let config = state.config();
-    let body = read_json(body, config.body_limit).await?;
+    let body = read_json(body, config.body_limit, config.body_read_timeout).await?;
     let req = P::parse(&body, config.limits())?;
     let generation = P::generation(&req);
     if let Some(m) = &generation.model {

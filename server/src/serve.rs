@@ -12,20 +12,24 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use gptj_cli::ModelArgs;
 
 use crate::cli::ServeArgs;
 use crate::config::{listen_addr, ServerConfig};
 use crate::state::{AppState, Backend};
-use crate::{metrics, routes, shutdown, telemetry};
+use crate::{listener, metrics, routes, shutdown, telemetry};
 
 /// Runs `gptj serve` to completion (it returns after a signal, or on a startup error).
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init_logging(args.http.log_format, "info");
     let config = ServerConfig::from_args(&args)?;
     let addr = listen_addr(&args.http.host, args.http.port)?;
+    match listener::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,55 +70,56 @@ async fn run(
         }
     });
 
-    let drained = Arc::new(Notify::new());
-    let failure: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
-    let (forced_tx, forced_rx) = oneshot::channel::<(&'static str, usize)>();
+    /// How the serving ended, when not by a plain signal.
+    enum End {
+        Failed(anyhow::Error),
+        Forced(&'static str, usize),
+    }
+    let end: Arc<std::sync::Mutex<Option<End>>> = Arc::default();
     let on_signal = {
-        let (state, drained, failure) = (state.clone(), drained.clone(), failure.clone());
+        let (state, end) = (state.clone(), Arc::clone(&end));
         async move {
-            tokio::select! {
+            let outcome = tokio::select! {
                 sig = shutdown::signal() => {
                     tracing::info!(signal = sig, "shutting down");
                     tokio::select! {
-                        () = shutdown::drain(&state, shutdown_timeout) => {}
-                        sig = shutdown::signal() => {
-                            // An operator who asks twice does not want to wait.
-                            let _ = forced_tx.send((sig, state.in_flight()));
-                            std::future::pending::<()>().await;
-                        }
+                        () = shutdown::drain(&state, shutdown_timeout) => None,
+                        // An operator who asks twice does not want to wait.
+                        sig = shutdown::signal() => Some(End::Forced(sig, state.in_flight())),
                     }
                 }
-                Ok(e) = failed_rx => {
-                    if let Ok(mut f) = failure.lock() {
-                        *f = Some(e);
-                    }
-                }
+                Ok(e) = failed_rx => Some(End::Failed(e)),
+            };
+            if let (Some(o), Ok(mut slot)) = (outcome, end.lock()) {
+                *slot = Some(o);
             }
-            drained.notify_one();
         }
     };
-    let app =
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(routes::app(state.clone()));
-    let server = axum::serve(listener, app).with_graceful_shutdown(on_signal);
-    // After draining, connections left open (a client that keeps a stream open past its
-    // request's end) get a short grace, then the process exits regardless.
-    let hard_stop = async {
-        drained.notified().await;
-        tokio::time::sleep(shutdown::CANCEL_GRACE).await;
-    };
-    tokio::select! {
-        r = server => r.context("server error")?,
-        () = hard_stop => tracing::warn!("connections still open after draining; closing them"),
-        Ok((sig, in_flight)) = forced_rx => {
-            anyhow::bail!("second {sig}: exited without waiting for the {in_flight} request(s) in flight");
-        }
-    }
-    if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
-        return Err(e.context("cannot load the model"));
-    }
+    // After draining, connections still open (a client holding a finished stream) get
+    // `CLOSE_GRACE`, then they are dropped, so the process exits within the shutdown
+    // timeout plus `shutdown::GRACE` whatever clients do.
+    let until = tokio::time::sleep(shutdown::CLOSE_GRACE);
+    let limits = state.config().connections;
+    listener::serve(
+        listener,
+        routes::app(state.clone()),
+        limits,
+        on_signal,
+        until,
+    )
+    .await;
     if let Some(b) = state.backend() {
         b.scheduler.shutdown(Some(std::time::Instant::now()));
-        let _ = tokio::time::timeout(Duration::from_secs(5), b.scheduler.stopped()).await;
+        let _ = tokio::time::timeout(shutdown::CLOSE_GRACE, b.scheduler.stopped()).await;
+    }
+    match end.lock().ok().and_then(|mut e| e.take()) {
+        Some(End::Failed(e)) => return Err(e.context("cannot load the model")),
+        Some(End::Forced(sig, in_flight)) => {
+            anyhow::bail!(
+                "second {sig}: exited without waiting for the {in_flight} request(s) in flight"
+            )
+        }
+        None => {}
     }
     tracing::info!("bye");
     Ok(())

@@ -12,7 +12,13 @@ use std::time::{Duration, Instant};
 use crate::state::AppState;
 
 /// Extra time after the shutdown timeout for cancelled requests to send their answers.
-pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
+pub const CANCEL_GRACE: Duration = Duration::from_secs(3);
+/// Then, time for connections still open to close before they are dropped, and for the
+/// engine thread to stop.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The most a shutdown takes past `--shutdown-timeout`: [`CANCEL_GRACE`] plus twice
+/// [`CLOSE_GRACE`].
+pub const GRACE: Duration = Duration::from_secs(5);
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C) and names the signal.
 pub async fn signal() -> &'static str {

@@ -25,8 +25,11 @@ pub mod kserve_v1;
 pub mod kserve_v2;
 pub mod openai;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{from_fn, from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -88,7 +91,61 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .layer(from_fn(telemetry::observe))
+        .layer(from_fn(close_if_unread))
         .with_state(state)
+}
+
+/// Says `Connection: close` on a response sent before the request's body was read to its
+/// end (a 401, 404, 405, 413, 408 or 503 answered early): the rest of the body is still on
+/// the wire, so the connection cannot carry another request, and a pooled client must know
+/// before it tries.
+async fn close_if_unread(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    if http_body::Body::is_end_stream(&body) {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let ended = Arc::new(AtomicBool::new(false));
+    let body = axum::body::Body::new(WatchEnd {
+        inner: body,
+        ended: Arc::clone(&ended),
+    });
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if !ended.load(Ordering::SeqCst) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct WatchEnd {
+    inner: axum::body::Body,
+    ended: Arc<AtomicBool>,
+}
+
+impl http_body::Body for WatchEnd {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.ended.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Marks a request whose last path segment's custom verb was moved into a segment of its own.

@@ -656,3 +656,43 @@ async fn openai_param_names_the_field() {
     .await;
     assert_eq!(a.json()["error"]["param"], "top_p", "{}", a.text);
 }
+
+/// An answer sent before the body was read whole says `Connection: close`; one that read
+/// it does not.
+#[tokio::test]
+async fn early_answers_close_the_connection() {
+    let s = ready(&["--api-key", "k", "--body-limit", "1KiB"]);
+    let body = r#"{"instances": ["a"], "parameters": {"max_new_tokens": 2}}"#;
+    let unauthorized = call(&s, "POST", &format!("/v1/models/{MODEL}:predict"), body).await;
+    assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(unauthorized.headers["connection"], "close");
+    let not_found = call(&s, "POST", "/nowhere", body).await;
+    assert_eq!(not_found.headers["connection"], "close");
+    // A body in two pieces whose first is already over the limit: the second stays unread.
+    let pieces = [format!(r#"{{"instances": ["{}"#, "x".repeat(4000)), r#""]}"#.to_owned()];
+    let stream = futures_util::stream::iter(pieces.map(Ok::<_, std::io::Error>));
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("/v1/models/{MODEL}:predict"))
+        .header("authorization", "Bearer k")
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let too_large = send(&s, req).await;
+    assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(too_large.headers["connection"], "close");
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("/v1/models/{MODEL}:predict"))
+        .header("authorization", "Bearer k")
+        .body(Body::from(body))
+        .unwrap();
+    let ok = send(&s, req).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+    assert!(ok.headers.get("connection").is_none());
+    // No body at all: nothing left unread.
+    assert!(call(&s, "GET", "/nowhere", "")
+        .await
+        .headers
+        .get("connection")
+        .is_none());
+}
