@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, BoxStream, StreamExt};
-use gptj_engine::Tokenizer;
 use gptj_scheduler::{FinishReason, JobEvent, JobRequest, JobStream, SubmitError, Usage};
 
 use crate::config::ServerConfig;
@@ -40,30 +39,6 @@ pub struct Generation {
     pub params: RequestParams,
     /// Stream the answer.
     pub stream: bool,
-}
-
-/// Tokenizes `texts` on a blocking thread; `at(i)` names prompt `i` in errors.
-pub async fn tokenize(
-    tokenizer: &Tokenizer,
-    texts: Vec<String>,
-    at: PromptName,
-) -> Result<Vec<Vec<u32>>, ApiError> {
-    let tokenizer = tokenizer.clone();
-    tokio::task::spawn_blocking(move || {
-        texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                tokenizer.encode(t).map_err(|e| ValidationError::Tokenize {
-                    at: at(i),
-                    message: e.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
-    .map_err(ApiError::from)
 }
 
 /// The job for sequence `j` of a prompt.
@@ -270,7 +245,7 @@ pub async fn submit(
     if let Some(i) = prompts.iter().position(String::is_empty) {
         return Err(ValidationError::EmptyPrompt { at: at(i) }.into());
     }
-    let ids = tokenize(&backend.tokenizer, prompts.clone(), at).await?;
+    let ids = backend.prompts.encode(prompts.clone(), at).await?;
     let plans = ids
         .iter()
         .enumerate()

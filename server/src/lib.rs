@@ -38,6 +38,7 @@ pub mod shutdown;
 pub mod sse;
 pub mod state;
 pub mod telemetry;
+pub mod tokenize;
 
 pub use cli::{GenerateArgs, ServeArgs};
 pub use error::Wire;

@@ -24,7 +24,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
-use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{Map, Value};
@@ -58,9 +57,9 @@ pub trait Protocol: Send + Sync + 'static {
     /// The answer of a request run to its end.
     fn render(req: &Self::Request, outcome: &Outcome<'_>) -> Value;
 
-    /// The shaper of a streamed answer, and the events sent before any token (the echoed
-    /// prompt). `None` for a protocol that does not stream: its parser never asks to.
-    fn stream(req: &Self::Request, start: &Start<'_>) -> Option<(Box<dyn Shaper>, Vec<Event>)> {
+    /// The shaper of a streamed answer. `None` for a protocol that does not stream: its
+    /// parser never asks to.
+    fn stream(req: &Self::Request, start: &Start<'_>) -> Option<Box<dyn Shaper>> {
         let _ = (req, start);
         None
     }
@@ -282,7 +281,7 @@ async fn run<P: Protocol>(
     } else {
         None
     };
-    if let Some((shaper, first)) = shaper {
+    if let Some(shaper) = shaper {
         let ctx = StreamContext {
             guard,
             record,
@@ -290,7 +289,7 @@ async fn run<P: Protocol>(
             timeout: config.request_timeout,
             wire: P::WIRE,
         };
-        return Ok(sse::response(streams, shaper, first, ctx));
+        return Ok(sse::response(streams, shaper, ctx));
     }
     let finished = collect_all(streams, &record, deadline, config.request_timeout).await?;
     let outcome = Outcome {

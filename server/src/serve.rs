@@ -143,9 +143,5 @@ pub fn load(
     let tokenizer = engine.tokenizer().clone();
     let max_context = engine.max_context();
     let scheduler = gptj_scheduler::spawn(engine, scheduler)?;
-    Ok(Backend {
-        scheduler,
-        tokenizer,
-        max_context,
-    })
+    Ok(Backend::new(scheduler, tokenizer, max_context))
 }

@@ -30,6 +30,12 @@ use crate::telemetry::RequestRecord;
 
 /// A protocol's view of a request's events.
 pub trait Shaper: Send + 'static {
+    /// The next event to send before any token (the echoed prompt), or `None` when there
+    /// are no more. Asked for one at a time, as the client reads, so a large echo is never
+    /// held whole in memory.
+    fn prelude(&mut self) -> Option<Event> {
+        None
+    }
     /// Sequence `index` produced `text` (never empty).
     fn token(&mut self, index: usize, text: &str) -> Vec<Event>;
     /// Sequence `index` ended.
@@ -52,6 +58,7 @@ struct State {
     merged: SelectAll<stream::BoxStream<'static, (usize, JobEvent)>>,
     shaper: Box<dyn Shaper>,
     pending: VecDeque<Event>,
+    prelude_done: bool,
     done: bool,
     deadline: Instant,
     timeout: Duration,
@@ -74,14 +81,8 @@ pub struct StreamContext {
     pub wire: Wire,
 }
 
-/// The SSE response for `streams`, shaped by `shaper`. `first` events go out before any
-/// token (e.g. the prompt when it is echoed).
-pub fn response(
-    streams: Vec<JobStream>,
-    shaper: Box<dyn Shaper>,
-    first: Vec<Event>,
-    ctx: StreamContext,
-) -> Response {
+/// The SSE response for `streams`, shaped by `shaper`.
+pub fn response(streams: Vec<JobStream>, shaper: Box<dyn Shaper>, ctx: StreamContext) -> Response {
     let StreamContext {
         guard,
         record,
@@ -99,7 +100,8 @@ pub fn response(
     let state = State {
         merged,
         shaper,
-        pending: first.into(),
+        pending: VecDeque::new(),
+        prelude_done: false,
         done: false,
         deadline,
         timeout,
@@ -119,11 +121,23 @@ pub fn response(
 impl State {
     async fn next_event(&mut self) -> Option<Event> {
         loop {
+            if !self.prelude_done {
+                match self.shaper.prelude() {
+                    Some(e) => return Some(e),
+                    None => self.prelude_done = true,
+                }
+            }
             if let Some(e) = self.pending.pop_front() {
                 return Some(e);
             }
             if self.done {
                 return None;
+            }
+            // The deadline covers the whole response: a client that reads slowly does not
+            // extend it.
+            if Instant::now() > self.deadline + DEADLINE_GRACE {
+                self.fail(&ApiError::Timeout(self.timeout));
+                continue;
             }
             let limit = self.deadline + DEADLINE_GRACE;
             match tokio::time::timeout_at(limit.into(), self.merged.next()).await {

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::tokenize::PromptTokenizer;
 
 /// Longest step the engine may take before readiness reports it as stuck.
 pub const MAX_STEP_FOR_READY: Duration = Duration::from_secs(120);
@@ -40,10 +41,24 @@ pub enum Phase {
 pub struct Backend {
     /// Where jobs go.
     pub scheduler: SchedulerHandle,
-    /// To tokenize prompts (and detokenize for `return_full_text`).
+    /// The model's tokenizer.
     pub tokenizer: Tokenizer,
+    /// Prompts go through this, which bounds tokenizing's cost.
+    pub prompts: PromptTokenizer,
     /// Prompt plus generation, at most.
     pub max_context: usize,
+}
+
+impl Backend {
+    /// The backend over a started scheduler.
+    pub fn new(scheduler: SchedulerHandle, tokenizer: Tokenizer, max_context: usize) -> Self {
+        Self {
+            scheduler,
+            prompts: PromptTokenizer::new(tokenizer.clone(), max_context),
+            tokenizer,
+            max_context,
+        }
+    }
 }
 
 /// Shared state, cheap to clone (one `Arc`).

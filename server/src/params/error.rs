@@ -93,6 +93,20 @@ pub enum ValidationError {
         /// The context window.
         context: usize,
     },
+    /// A prompt so long in bytes that it has more tokens than the context window, refused
+    /// before tokenizing.
+    #[error(
+        "{at}: the prompt is {bytes} bytes, more than the {max_bytes} bytes that the context \
+         window's tokens can hold; shorten it"
+    )]
+    PromptTooManyBytes {
+        /// Which prompt.
+        at: String,
+        /// Its length in bytes.
+        bytes: usize,
+        /// The most bytes a prompt that fits can have.
+        max_bytes: usize,
+    },
     /// `max_length` does not exceed the prompt's length.
     #[error(
         "{at}: `{field}` is {value} but the prompt is already {prompt_tokens} tokens; \

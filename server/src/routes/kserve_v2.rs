@@ -203,24 +203,29 @@ impl<const STREAM: bool> Protocol for OipGenerate<STREAM> {
         v
     }
 
-    fn stream(_: &GenerateRequest, start: &Start<'_>) -> Option<(Box<dyn Shaper>, Vec<Event>)> {
-        let model_name = start.meta.model.clone();
-        let first = if start.submitted.echo(0) {
-            vec![json_event(&json!({
-                "model_name": model_name, "text_output": start.prompts[0], "done": false,
-            }))]
-        } else {
-            Vec::new()
-        };
-        Some((Box::new(StreamShaper { model_name }), first))
+    fn stream(_: &GenerateRequest, start: &Start<'_>) -> Option<Box<dyn Shaper>> {
+        let echo = start.submitted.echo(0).then(|| start.prompts[0].clone());
+        Some(Box::new(StreamShaper {
+            model_name: start.meta.model.clone(),
+            echo,
+        }))
     }
 }
 
 struct StreamShaper {
     model_name: String,
+    /// The prompt, until it has been sent (`return_full_text`).
+    echo: Option<String>,
 }
 
 impl Shaper for StreamShaper {
+    fn prelude(&mut self) -> Option<Event> {
+        let prompt = self.echo.take()?;
+        Some(json_event(&json!({
+            "model_name": self.model_name, "text_output": prompt, "done": false,
+        })))
+    }
+
     fn token(&mut self, _: usize, text: &str) -> Vec<Event> {
         vec![json_event(&json!({
             "model_name": self.model_name, "text_output": text, "done": false,

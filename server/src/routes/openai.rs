@@ -202,7 +202,7 @@ impl Protocol for Completions {
         })
     }
 
-    fn stream(req: &CompletionRequest, start: &Start<'_>) -> Option<(Box<dyn Shaper>, Vec<Event>)> {
+    fn stream(req: &CompletionRequest, start: &Start<'_>) -> Option<Box<dyn Shaper>> {
         let head = json!({
             "id": completion_id(&start.meta.request_id),
             "object": "text_completion",
@@ -210,17 +210,18 @@ impl Protocol for Completions {
             "model": start.meta.model,
         });
         let k = start.submitted.per_prompt.max(1);
-        let first = (0..start.prompts.len() * k)
+        let echo: Vec<usize> = (0..start.prompts.len() * k)
             .filter(|&seq| start.submitted.echo(seq))
-            .map(|seq| chunk(&head, seq, &start.prompts[seq / k], None))
             .collect();
-        let shaper = CompletionShaper {
+        Some(Box::new(CompletionShaper {
             head,
             include_usage: req.include_usage,
             prompt_tokens: start.submitted.total_prompt_tokens(),
             completion_tokens: 0,
-        };
-        Some((Box::new(shaper), first))
+            prompts: start.prompts.to_vec(),
+            per_prompt: k,
+            echo: echo.into_iter(),
+        }))
     }
 }
 
@@ -300,9 +301,24 @@ struct CompletionShaper {
     include_usage: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// The prompts, for the echo; each choice's echo chunk is made when it is sent.
+    prompts: Vec<String>,
+    per_prompt: usize,
+    /// The choices whose prompt is still to be echoed.
+    echo: std::vec::IntoIter<usize>,
 }
 
 impl Shaper for CompletionShaper {
+    fn prelude(&mut self) -> Option<Event> {
+        let seq = self.echo.next()?;
+        Some(chunk(
+            &self.head,
+            seq,
+            &self.prompts[seq / self.per_prompt],
+            None,
+        ))
+    }
+
     fn token(&mut self, index: usize, text: &str) -> Vec<Event> {
         vec![chunk(&self.head, index, text, None)]
     }

@@ -39,11 +39,7 @@ fn ready(extra: &[&str]) -> AppState {
         gptj_scheduler::SchedulerConfig::default(),
     )
     .unwrap();
-    state.set_ready(Backend {
-        scheduler,
-        tokenizer: tokenizer().clone(),
-        max_context: 2048,
-    });
+    state.set_ready(Backend::new(scheduler, tokenizer().clone(), 2048));
     state
 }
 
@@ -669,7 +665,10 @@ async fn early_answers_close_the_connection() {
     let not_found = call(&s, "POST", "/nowhere", body).await;
     assert_eq!(not_found.headers["connection"], "close");
     // A body in two pieces whose first is already over the limit: the second stays unread.
-    let pieces = [format!(r#"{{"instances": ["{}"#, "x".repeat(4000)), r#""]}"#.to_owned()];
+    let pieces = [
+        format!(r#"{{"instances": ["{}"#, "x".repeat(4000)),
+        r#""]}"#.to_owned(),
+    ];
     let stream = futures_util::stream::iter(pieces.map(Ok::<_, std::io::Error>));
     let req = Request::builder()
         .method("POST")
