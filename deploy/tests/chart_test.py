@@ -720,11 +720,24 @@ def pool_checks(rep: Report, r: Rendered, v: dict) -> None:
     def route():
         hr = r.one("HTTPRoute")
         eq(hr["spec"]["parentRefs"], p["httpRoute"]["parentRefs"], "parentRefs")
-        rule = hr["spec"]["rules"][0]
-        eq(rule["backendRefs"], [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": RELEASE}],
-           "backendRefs")
-        assert rule["timeouts"]["request"], "request timeout"
-    rep.check(f"{n}: HTTPRoute from the Gateway to the InferencePool", route)
+        h = p["httpRoute"]
+        pool_paths = h.get("poolPathPrefixes", ["/openai/"])
+        service_paths = h.get("servicePathPrefixes", ["/"])
+        rules = hr["spec"]["rules"]
+        eq([r_["matches"][0]["path"]["value"] for r_ in rules], pool_paths + service_paths, "path prefixes")
+        service = ({"name": RELEASE, "port": v.get("service", {}).get("port", 80)} if r.of_kind("Deployment")
+                   else {"name": f"{RELEASE}-predictor", "port": 80})
+        for rule, path in zip(rules, pool_paths + service_paths):
+            want = ([{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": RELEASE}]
+                    if path in pool_paths else [service])
+            eq(rule["backendRefs"], want, f"backendRefs of {path}")
+            eq(rule["matches"][0]["path"]["type"], "PathPrefix", "path match")
+            eq(rule["timeouts"]["request"], h.get("timeout", "300s"), "request timeout")
+        assert "/openai/" in pool_paths or any("/openai/".startswith(x) for x in pool_paths), \
+            "the OpenAI routes (what the EPP parses) go through the pool"
+        if r.of_kind("Service"):
+            eq(service["name"], r.one("Service")["metadata"]["name"], "the Service the other routes go to")
+    rep.check(f"{n}: HTTPRoute: OpenAI routes to the InferencePool, the KServe routes to the Service", route)
 
 
 def example_checks(rep: Report) -> None:
@@ -774,6 +787,7 @@ def crd_schema_refusals(rep: Report, out: Path) -> None:
         ("InferencePool without targetPorts", "InferencePool", lambda d: d["spec"].update(targetPorts=[])),
         ("InferencePool typo targetPort", "InferencePool", lambda d: d["spec"].update(targetPort=[{"number": 8080}])),
         ("HTTPRoute path type Prefix", "HTTPRoute", lambda d: d["spec"]["rules"][0]["matches"][0]["path"].update(type="Prefix")),
+        ("HTTPRoute backendRef port 0", "HTTPRoute", lambda d: d["spec"]["rules"][1]["backendRefs"][0].update(port=0)),
         ("HTTPRoute timeout '5 minutes'", "HTTPRoute", lambda d: d["spec"]["rules"][0]["timeouts"].update(request="5 minutes")),
         ("PrometheusRule alert without expr", "PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr")),
         ("ServiceMonitor endpoints not a list", "ServiceMonitor", lambda d: d["spec"].update(endpoints={"port": "http"})),
@@ -835,7 +849,8 @@ BAD_VALUES = [
     ("inferencePool.endpointPicker.name with capitals", {"inferencePool": {"endpointPicker": {"name": "GPTJ-EPP"}}}),
     ("inferencePool.apiVersion v1alpha2 (the pre-GA group)", {"inferencePool": {"apiVersion": "inference.networking.x-k8s.io/v1alpha2"}}),
     ("inferencePool.httpRoute.hostnames with a port", {"inferencePool": {"httpRoute": {"hostnames": ["gptj.example.com:80"]}}}),
-    ("inferencePool.httpRoute.pathPrefix without /", {"inferencePool": {"httpRoute": {"pathPrefix": "v1"}}}),
+    ("inferencePool.httpRoute.poolPathPrefixes without /", {"inferencePool": {"httpRoute": {"poolPathPrefixes": ["openai"]}}}),
+    ("inferencePool.httpRoute.poolPathPrefixes empty", {"inferencePool": {"httpRoute": {"poolPathPrefixes": []}}}),
     ("inferencePool.httpRoute.timeout '5 minutes'", {"inferencePool": {"httpRoute": {"timeout": "5 minutes"}}}),
     ("inferencePool.httpRoute.parentRefs without a name", {"inferencePool": {"httpRoute": {"parentRefs": [{"namespace": "gw"}]}}}),
     ("typo in inferencePool (endpointPiker)", {"inferencePool": {"endpointPiker": "x"}}),
