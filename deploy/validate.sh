@@ -90,7 +90,7 @@ step "yamllint values.yaml, Chart.yaml, test values, examples" \
   "$BIN/yamllint" -s -d "$YAMLLINT_CONFIG" helm/gptj/values.yaml helm/gptj/Chart.yaml tests/values examples
 step "values.schema.json is a valid JSON Schema" \
   "$BIN/check-jsonschema" --check-metaschema helm/gptj/values.schema.json
-step "shellcheck validate.sh" "$BIN/shellcheck" validate.sh
+step "shellcheck validate.sh, image-test.sh" "$BIN/shellcheck" validate.sh image-test.sh
 
 echo "== chart: lint, render, validate, map the seed's parameters, refuse bad values"
 step "chart tests" "$BIN/python" tests/chart_test.py "$@"
