@@ -11,6 +11,7 @@
 # Without a registry (as on this project's machines), the base images are made locally:
 #   debian:bookworm-slim  <- debootstrap --variant=minbase bookworm, trimmed as Debian's slim images
 #   rust:1.95-slim-bookworm <- that + gcc, libc6-dev, ca-certificates + this machine's Rust toolchain
+#                              (and its local CAs, for cargo behind a TLS-inspecting egress proxy)
 # and passed as the Dockerfile's BUILD_IMAGE/RUNTIME_IMAGE build arguments. The build stage
 # downloads the crates from crates.io and builds the release binary: on 2 cores about 10 minutes,
 # so CI (deploy/validate.sh) does not run this; docs/deploy.md carries its output.
@@ -89,12 +90,17 @@ make_build_base() {
   local ctx=$WORK/build-base sysroot
   sysroot=$(rustc --print sysroot)
   say "== $BUILD_BASE: $RUNTIME_BASE + gcc, libc6-dev + the Rust toolchain at $sysroot ($(rustc --version))"
-  rm -rf "$ctx" && mkdir -p "$ctx/rust"
+  rm -rf "$ctx" && mkdir -p "$ctx/rust" "$ctx/ca"
   cp -a "$sysroot"/{bin,lib,libexec,etc} "$ctx/rust/"
+  # This machine's own CAs (an egress proxy's, say), so that cargo in the build stage reaches
+  # crates.io the way the host does. Only the throw-away build stage has them, not the image.
+  cp /usr/local/share/ca-certificates/*.crt "$ctx/ca/" 2>/dev/null || true
   cat > "$ctx/Containerfile" <<EOF
 FROM $RUNTIME_BASE
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates gcc libc6-dev \\
     && rm -rf /var/lib/apt/lists/*
+COPY ca /usr/local/share/ca-certificates
+RUN update-ca-certificates
 COPY rust /usr/local/rust
 ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/rust/bin:\$PATH
 EOF

@@ -100,5 +100,6 @@ if [[ -f .out/defaults/download-job.sh ]]; then
   step "shellcheck the download Job's script" "$BIN/shellcheck" -s sh .out/defaults/download-job.sh
 fi
 
+echo "== not run here: the image build and run (about 15 min on 2 cores): deploy/image-test.sh; docs/deploy.md §1 has its output"
 echo "== deploy/validate.sh: $([[ $failed == 0 ]] && echo PASSED || echo FAILED) in $((SECONDS - started))s"
 exit "$failed"

@@ -715,6 +715,7 @@ def pool_checks(rep: Report, r: Rendered, v: dict) -> None:
             eq(sel, {"serving.kserve.io/inferenceservice": RELEASE}, "the pool selects the predictor pods KServe labels")
             pod_labels = predictor(r)["labels"]
         eq(pod_labels.get("llm-d.ai/engine-type"), "gptj", "the EPP's engine-type label on the server pods")
+        assert f"InferencePool/{RELEASE}" in r.notes, "NOTES name the pool"
     rep.check(f"{n}: InferencePool selects the server pods (not the Jobs'), their port, the named endpoint picker", pool)
 
     def route():
