@@ -166,6 +166,11 @@ podman volume create "$VOLUME" >/dev/null
 rm -rf "$WORK/hub" && python3 deploy/tests/fake_hub.py --make "$WORK/hub" >>"$LOG"
 python3 deploy/tests/fake_hub.py --serve "$WORK/hub" --port "$HUB_PORT" --repo "$REPO" --rate 4000000 2>>"$OUT/hub.log" &
 hub_pid=$!
+for _ in $(seq 1 100); do
+  [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$HUB_PORT/api/models/$REPO/revision/main") == 200 ]] && break
+  kill -0 "$hub_pid" 2>/dev/null || fail "the stand-in hub exited: $(tail -3 "$OUT/hub.log")"
+  sleep 0.1
+done
 
 URL=http://127.0.0.1:$PORT
 MODEL_URL=$URL/v1/models/eleutherai-gpt-j-6b
@@ -218,12 +223,27 @@ import json, sys
 want = len(json.loads(sys.argv[2])["instances"])
 p = json.loads(sys.argv[1])["predictions"]
 assert len(p) == want, f"{len(p)} predictions for {want} instances"
-print(f"{len(p)} prediction(s), generated_text[0] = {p[0][\"generated_text\"][:70]!r}...")' "$json" "$body") \
+text = p[0]["generated_text"] if isinstance(p[0], dict) else p[0][0]["generated_text"]
+print(f"{len(p)} prediction(s), generated_text[0] = {text[:60]!r}...")' "$json" "$body") \
     || fail "seed curl $i: $status $json"
   say "seed curl $i: HTTP ${status% *} in ${status#* } s, $summary"
   [[ ${status% *} == 200 ]] || fail "seed curl $i: $status"
 done
 say "metrics: $(curl -s "$URL/metrics" | grep -E '^gptj_(server_ready|engine_alive|request_success_total)' | tr '\n' ';' | cut -c1-200)"
+# The metrics the dashboard and the alerts query, against this server's /metrics (a metric that
+# nothing has recorded yet, such as preemptions, is not printed until it is).
+curl -s "$URL/metrics" > "$WORK/metrics.txt"
+PYTHONPATH=deploy/tests python3 - "$WORK/metrics.txt" <<'PY' | tee -a "$LOG"
+import json, re, sys
+import promql_names as pn
+served = set(re.findall(r"^# TYPE (\S+) ", open(sys.argv[1]).read(), re.M))
+dash = json.load(open("deploy/helm/gptj/files/gptj-dashboard.json"))
+names = {n for p in dash["panels"] for t in p["targets"] for n in pn.names_in(t["expr"])}
+names |= set(re.findall(r"\b(gptj_[a-z_]+?)(?:_bucket)?\{", open("deploy/helm/gptj/templates/prometheusrule.yaml").read()))
+base = {re.sub(r"_(bucket|sum|count)$", "", n) if re.sub(r"_(bucket|sum|count)$", "", n) in served else n for n in names}
+print(f"/metrics of this server: {len(base & served)} of the {len(base)} metrics the dashboard and alerts query are there;"
+      f" not yet recorded: {sorted(base - served) or 'none'}")
+PY
 
 say "== SIGTERM with requests in flight (the chart gives $GRACE s after SIGTERM: preStop aside, server.shutdownTimeoutSeconds $SHUTDOWN + 15)"
 long='{"parameters": {"max_new_tokens": 1500, "min_new_tokens": 1500, "do_sample": true}, "instances": ["a", "b", "c", "d"]}'
@@ -242,11 +262,12 @@ timeout "$GRACE" podman wait "$NAME" >/dev/null || fail "still running $GRACE s 
 took=$(since "$t0")
 exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$NAME")
 wait "${pids[@]}" || true
-codes=$(cat "$WORK"/inflight-*.code | tr '\n' ' ')
+codes=$(for f in "$WORK"/inflight-*.code; do printf '%s ' "$(cat "$f")"; done)
 say "exited with code $exit_code $took s after SIGTERM; the in-flight requests got: $codes"
 [[ $exit_code == 0 ]] || fail "exit code $exit_code"
 [[ $codes == "200 200 200 " ]] || fail "in-flight requests: $codes"
-podman logs "$NAME" 2>&1 | grep -E 'shutting down|drain|bye' | cut -c1-160 | sed 's/^/  log: /' | tee -a "$LOG"
+podman logs "$NAME" 2>&1 | tail -n 8 | sed -E 's/ request_id=[0-9a-f]+//; s/ (method|stream|queue_ms|first_token_ms|target)=[^ ]+//g' \
+  | cut -c1-180 | sed 's/^/  log: /' | tee -a "$LOG"
 podman rm "$NAME" >/dev/null
 
 say "== run 2: a new container on the same volume, the hub gone: the model comes from the cache"
