@@ -125,7 +125,8 @@ if ((!skip_build)); then
   nice -n 19 buildah bud --isolation chroot --layers -f deploy/Dockerfile --ignorefile deploy/Dockerfile.dockerignore \
     "${base_args[@]}" -t "$IMAGE" . > "$OUT/build-cpu.log" 2>&1 || { tail -30 "$OUT/build-cpu.log" | tee -a "$LOG"; fail "CPU image build"; }
   say "built $IMAGE in $((SECONDS - t0)) s; build log summary (deploy/.image-test/build-cpu.log):"
-  grep -E '^STEP [0-9]+/|Finished .release|COMMIT|Successfully tagged' "$OUT/build-cpu.log" | sed 's/^/  /' | tee -a "$LOG"
+  grep -E 'STEP [0-9]+/[0-9]+: (FROM|RUN)|Using cache|Finished .release|COMMIT|Successfully tagged' "$OUT/build-cpu.log" \
+    | cut -c1-150 | sed 's/^/  /' | tee -a "$LOG"
 
   # ---- the CUDA image, as far as it goes ------------------------------------------------------
   say "== buildah bud -f deploy/Dockerfile.cuda -t $IMAGE-cuda . (the Dockerfile's public CUDA bases)"
@@ -134,7 +135,8 @@ if ((!skip_build)); then
     say "built $IMAGE-cuda"
   else
     say "CUDA image not built; where it stopped (deploy/.image-test/build-cuda.log):"
-    grep -E '^STEP|[Ee]rror' "$OUT/build-cuda.log" | tail -4 | sed 's/^/  /' | tee -a "$LOG"
+    grep -E 'STEP|[Ee]rror' "$OUT/build-cuda.log" | tail -4 | cut -c1-300 | sed 's/^/  /' | tee -a "$LOG"
+    say "  (registry-1.docker.io: $(getent hosts registry-1.docker.io >/dev/null && echo resolves || echo 'does not resolve here'))"
   fi
 fi
 
