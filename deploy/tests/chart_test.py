@@ -776,6 +776,78 @@ def example_checks(rep: Report) -> None:
               lambda: run_tool([sys.executable, str(DEPLOY / "grafana" / "make_dashboard.py"), "--check"]))
 
 
+def alert_unit_tests(rep: Report, out: Path) -> None:
+    """promtool test rules: each alert fires on the series it is about (and not on others)."""
+    docs = docs_of(render({"deploymentMode": "Deployment", "metrics": {"prometheusRule": {"enabled": True}}}))
+    rule = next(d for d in docs if d.get("kind") == "PrometheusRule")
+    scratch = out / "alert-tests"
+    scratch.mkdir(parents=True, exist_ok=True)
+    # Annotations are templates that promtool check rules already parses; without them the tests
+    # compare what matters: expressions, for: and labels.
+    spec = json.loads(json.dumps(rule["spec"]))
+    for g in spec["groups"]:
+        for a in g["rules"]:
+            a.pop("annotations", None)
+    rules_file = scratch / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(spec))
+    mine = f'namespace="{NAMESPACE}",pod="{RELEASE}-7d9f-abcde"'
+    other = f'namespace="other",pod="{RELEASE}-7d9f-abcde"'  # another release's namespace: never alerts
+    pod = {"namespace": NAMESPACE, "pod": f"{RELEASE}-7d9f-abcde"}
+    predict = 'route="/v1/models/{name}:predict"'
+    cases = [
+        ("GptjEngineThreadDead", [(f"gptj_engine_alive{{{mine}}}", "1 1 0 0 0 0 0"), (f"gptj_engine_alive{{{other}}}", "0x6")],
+         [("1m", []), ("3m", []), ("6m", [{"severity": "critical", **pod}])]),
+        ("GptjReplicaNotReady", [(f"gptj_server_ready{{{mine}}}", "0x45")],
+         [("30m", []), ("40m", [{"severity": "warning", **pod}])]),
+        ("GptjQueueGrowingKVCacheFull",
+         [(f"gptj_num_requests_waiting{{{mine}}}", "0+1x30"), (f"gptj_kv_cache_usage_perc{{{mine}}}", "0.95x30"),
+          (f"gptj_num_requests_waiting{{namespace=\"{NAMESPACE}\",pod=\"{RELEASE}-7d9f-fghij\"}}", "5x30"),
+          (f"gptj_kv_cache_usage_perc{{namespace=\"{NAMESPACE}\",pod=\"{RELEASE}-7d9f-fghij\"}}", "0.99x30")],
+         [("3m", []), ("20m", [{"severity": "warning", **pod}])]),
+        ("GptjServerErrors",
+         [(f'gptj_http_requests_total{{{mine},{predict},status="200"}}', "0+100x30"),
+          (f'gptj_http_requests_total{{{mine},{predict},status="500"}}', "0+10x30"),
+          (f'gptj_http_requests_total{{{mine},route="/metrics",status="500"}}', "0+1000x30")],
+         [("20m", [{"severity": "critical", "namespace": NAMESPACE}])]),
+        ("GptjServerErrors",  # 5xx on /metrics alone are not generation errors
+         [(f'gptj_http_requests_total{{{mine},{predict},status="200"}}', "0+100x30"),
+          (f'gptj_http_requests_total{{{mine},route="/metrics",status="500"}}', "0+1000x30")],
+         [("20m", [])]),
+        ("GptjOverloaded",
+         [(f'gptj_http_requests_total{{{mine},route="/openai/v1/completions",status="200"}}', "0+100x30"),
+          (f'gptj_http_requests_total{{{mine},route="/openai/v1/completions",status="429"}}', "0+20x30")],
+         [("4m", []), ("20m", [{"severity": "warning", "namespace": NAMESPACE}])]),
+        ("GptjTimeToFirstTokenHigh",
+         [(f'gptj_time_to_first_token_seconds_bucket{{{mine},le="5"}}', "0+1x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="10"}}', "0+2x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="20"}}', "0+100x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="+Inf"}}', "0+100x30")],
+         [("20m", [{"severity": "warning", "namespace": NAMESPACE}])]),
+        ("GptjTimeToFirstTokenHigh",  # p99 under 10 s
+         [(f'gptj_time_to_first_token_seconds_bucket{{{mine},le="1"}}', "0+100x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="+Inf"}}', "0+100x30")],
+         [("20m", [])]),
+    ]
+    for i, (alert, series, evals) in enumerate(cases):
+        def unit(alert=alert, series=series, evals=evals, i=i):
+            test = {
+                "rule_files": [str(rules_file)],
+                "evaluation_interval": "1m",
+                "tests": [{
+                    "interval": "1m",
+                    "input_series": [{"series": s, "values": v} for s, v in series],
+                    "alert_rule_test": [{"eval_time": t, "alertname": alert,
+                                         "exp_alerts": [{"exp_labels": labels} for labels in exp]}
+                                        for t, exp in evals],
+                }],
+            }
+            f = scratch / f"test-{i}-{alert}.yaml"
+            f.write_text(yaml.safe_dump(test, sort_keys=False))
+            promtool(["test", "rules", str(f)])
+        what = ", ".join(f"{'fires' if exp else 'silent'} at {t}" for t, exp in evals)
+        rep.check(f"promtool test rules: {alert} ({what})", unit)
+
+
 def crd_schema_refusals(rep: Report, out: Path) -> None:
     """The CRD schemas catch wrong manifests (a render with a field changed by hand)."""
     values = {"deploymentMode": "Deployment",
@@ -1004,6 +1076,7 @@ def main() -> int:
     variant_checks(rep)
     example_checks(rep)
     crd_schema_refusals(rep, out)
+    alert_unit_tests(rep, out)
 
     took = time.monotonic() - started
     print(f"\n{rep.passed} passed, {len(rep.failed)} failed in {took:.1f}s; rendered manifests in {out}")
