@@ -772,6 +772,27 @@ def example_checks(rep: Report) -> None:
         assert refs <= set(plugins), f"scheduling profile names unknown plugins {refs - set(plugins)}"
     rep.check("examples/epp-config.yaml: gptj's metric names and block size for the endpoint picker", epp)
 
+    def tiny_checkpoint():
+        # image-test.sh's model (not run in CI): a GPT-J checkpoint whose tensors match its config.
+        import struct
+        import tempfile
+        import fake_hub
+        with tempfile.TemporaryDirectory() as d:
+            fake_hub.make(Path(d))
+            cfg = json.loads((Path(d) / "config.json").read_text())
+            with open(Path(d) / "model.safetensors", "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+                size = f.seek(0, 2) - 8 - n
+            e, v = cfg["n_embd"], cfg["vocab_size"]
+            eq(header["transformer.wte.weight"]["shape"], [v, e], "wte")
+            eq(header["lm_head.weight"]["shape"], [v, e], "lm_head")
+            eq(header[f"transformer.h.{cfg['n_layer'] - 1}.mlp.fc_in.weight"]["shape"], [4 * e, e], "fc_in")
+            eq(max(t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), size, "data size")
+            assert v >= 50257, "the vocabulary must hold GPT-J's tokenizer"
+            assert (Path(d) / "tokenizer.json").is_file(), "tokenizer.json"
+    rep.check("deploy/tests/fake_hub.py writes a consistent tiny GPT-J checkpoint (image-test.sh's model)", tiny_checkpoint)
+
     rep.check("the dashboard JSON is what deploy/grafana/make_dashboard.py writes",
               lambda: run_tool([sys.executable, str(DEPLOY / "grafana" / "make_dashboard.py"), "--check"]))
 
