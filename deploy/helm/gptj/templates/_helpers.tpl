@@ -76,6 +76,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if and (eq .Values.deploymentMode "Serverless") (lt (int .Values.kserve.timeoutSeconds) (int .Values.server.shutdownTimeoutSeconds)) -}}
 {{- fail "kserve.timeoutSeconds is the pod's termination grace period in Serverless mode: it must be >= server.shutdownTimeoutSeconds" -}}
 {{- end -}}
+{{- if and (eq .Values.autoscaling.knative.metric "rps") (eq (int .Values.autoscaling.knative.target) 0) -}}
+{{- fail "autoscaling.knative.target 0 (derived from the batch and queue sizes) needs metric concurrency: set a target in requests per second for rps" -}}
+{{- end -}}
+{{- if and .Values.inferencePool.enabled (not .Values.benchmark.only) -}}
+{{- if eq .Values.deploymentMode "Serverless" -}}
+{{- fail "inferencePool needs deploymentMode Deployment or RawDeployment: an InferencePool routes to pods directly, past Knative's activator and queue-proxy, so Knative could neither count the requests nor scale from zero" -}}
+{{- end -}}
+{{- if not .Values.inferencePool.endpointPicker.name -}}
+{{- fail "inferencePool.endpointPicker.name: name the endpoint picker's Service (deploy one: docs/deploy.md, 'More than one replica')" -}}
+{{- end -}}
+{{- if and .Values.inferencePool.httpRoute.enabled (not .Values.inferencePool.httpRoute.parentRefs) -}}
+{{- fail "inferencePool.httpRoute.parentRefs: name the Gateway the HTTPRoute attaches to (or set inferencePool.httpRoute.enabled=false)" -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.benchmark.only (lt (int .Values.benchmark.batchSize) 1) -}}
 {{- fail "benchmark.only needs benchmark.batchSize >= 1 (0 turns the benchmark off)" -}}
 {{- end -}}
@@ -275,4 +289,47 @@ securityContext:
   runAsGroup: {{ int (default 10001 .Values.securityContext.runAsGroup) }}
   fsGroup: {{ int (default 10001 .Values.securityContext.runAsGroup) }}
   fsGroupChangePolicy: OnRootMismatch
+{{- end -}}
+
+{{/* A number as a quoted Kubernetes quantity: 0.8 -> "800m", 4 -> "4". */}}
+{{- define "gptj.milli" -}}
+{{- $m := round (mulf (float64 .) 1000.0) 0 | int64 -}}
+{{- if eq (mod $m 1000) 0 -}}{{ div $m 1000 | toString | quote }}{{- else -}}{{ printf "%dm" $m | quote }}{{- end -}}
+{{- end -}}
+
+{{/* The PromQL label matchers that select this release's series (dashboard excepted). */}}
+{{- define "gptj.promSelector" -}}
+{{- if .Values.metrics.selector -}}
+{{- .Values.metrics.selector -}}
+{{- else -}}
+{{- printf "namespace=%q,pod=~%q" .Release.Namespace (printf "%s-.*" (include "gptj.fullname" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Knative's per-pod concurrency target: 0 means the batch plus the queue the HPA aims at. */}}
+{{- define "gptj.knativeTarget" -}}
+{{- if gt (int .Values.autoscaling.knative.target) 0 -}}
+{{- int .Values.autoscaling.knative.target -}}
+{{- else -}}
+{{- add (int .Values.queue.maxNumSeqs) (ceil .Values.autoscaling.llm.requestsWaiting | int) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The server pods' own labels: podLabels, and the EPP's engine-type label with a pool. */}}
+{{- define "gptj.podLabels" -}}
+{{- $l := deepCopy .Values.podLabels -}}
+{{- if and .Values.inferencePool.enabled .Values.inferencePool.engineTypeLabel -}}
+{{- $_ := set $l .Values.inferencePool.engineTypeLabel "gptj" -}}
+{{- end -}}
+{{- with $l }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
+{{/* The InferencePool's pod selector: the server pods only (never the Jobs'). */}}
+{{- define "gptj.poolSelector" -}}
+{{- if eq .Values.deploymentMode "Deployment" -}}
+{{ include "gptj.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- else -}}
+serving.kserve.io/inferenceservice: {{ include "gptj.fullname" . }}
+{{- end -}}
 {{- end -}}
