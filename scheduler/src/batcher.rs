@@ -146,6 +146,8 @@ impl<M: Model> Batcher<M> {
             id,
             arrival: self.next_arrival,
             tenant: Arc::from(request.tenant.as_deref().unwrap_or("")),
+            subtenant: Arc::from(request.subtenant.as_deref().unwrap_or("")),
+            cache_root: crate::blocks::scope_root(request.cache_salt.as_deref()),
             priority: request.priority,
             deadline: request.deadline,
             tokens: request.prompt_ids,

@@ -34,8 +34,22 @@ use gptj_engine::BlockId;
 /// Key of a full block in the prefix cache: a hash of its parent's key and its tokens.
 pub type BlockHash = u64;
 
-/// The key of the (imaginary) parent of a sequence's first block.
-const ROOT_HASH: BlockHash = 0x6770_746a_5f72_6f6f;
+/// The key of the (imaginary) parent of a sequence's first block, in the shared scope.
+pub const ROOT_HASH: BlockHash = 0x6770_746a_5f72_6f6f;
+
+/// The root key of a cache scope: sequences share cached blocks only when their scopes
+/// (the salt: a tenant, a request's `cache_salt`) are equal. `None` is the shared scope.
+pub fn scope_root(salt: Option<&str>) -> BlockHash {
+    match salt {
+        None => ROOT_HASH,
+        Some(salt) => {
+            let mut h = DefaultHasher::new();
+            ROOT_HASH.hash(&mut h);
+            salt.hash(&mut h);
+            h.finish()
+        }
+    }
+}
 
 /// The key of a full block whose parent has key `parent`.
 pub fn block_hash(parent: BlockHash, tokens: &[u32]) -> BlockHash {
@@ -48,14 +62,31 @@ pub fn block_hash(parent: BlockHash, tokens: &[u32]) -> BlockHash {
 
 /// The blocks of one sequence, in position order. Not `Clone`: it is given back by value to
 /// [`BlockManager::free`], exactly once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BlockTable {
     blocks: Vec<BlockId>,
     /// Prefix-cache keys of the leading full blocks whose tokens are computed, in order.
     hashes: Vec<BlockHash>,
+    /// The parent key of the first block: the sequence's cache scope ([`scope_root`]).
+    root: BlockHash,
+}
+
+impl Default for BlockTable {
+    fn default() -> Self {
+        Self::in_scope(ROOT_HASH)
+    }
 }
 
 impl BlockTable {
+    /// An empty table whose blocks are cached under `root`.
+    pub fn in_scope(root: BlockHash) -> Self {
+        Self {
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            root,
+        }
+    }
+
     /// The block ids, position order: position `p` lives in `blocks()[p / block_size]`.
     pub fn blocks(&self) -> &[BlockId] {
         &self.blocks
@@ -235,16 +266,22 @@ impl BlockManager {
         self.blocks_for(tokens).saturating_sub(table.blocks.len())
     }
 
-    /// A new table holding the cached blocks of the longest cached prefix of `tokens`, and
-    /// the number of tokens they cover. At most `max_tokens` tokens are reused (a request must
-    /// compute at least its last token to get logits). Empty when prefix caching is off.
-    pub fn lookup_prefix(&mut self, tokens: &[u32], max_tokens: usize) -> (BlockTable, usize) {
-        let mut table = BlockTable::default();
+    /// A new table in the cache scope `root` holding the cached blocks of the longest cached
+    /// prefix of `tokens` in that scope, and the number of tokens they cover. At most
+    /// `max_tokens` tokens are reused (a request must compute at least its last token to get
+    /// logits). Empty when prefix caching is off.
+    pub fn lookup_prefix(
+        &mut self,
+        tokens: &[u32],
+        max_tokens: usize,
+        root: BlockHash,
+    ) -> (BlockTable, usize) {
+        let mut table = BlockTable::in_scope(root);
         if !self.prefix_caching {
             return (table, 0);
         }
         let bs = self.block_size;
-        let mut parent = ROOT_HASH;
+        let mut parent = root;
         for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(bs) {
             let hash = block_hash(parent, chunk);
             let Some(&id) = self.by_hash.get(&hash) else {
@@ -278,7 +315,7 @@ impl BlockManager {
         let full = (computed.min(tokens.len()) / bs).min(table.blocks.len());
         while table.hashes.len() < full {
             let i = table.hashes.len();
-            let parent = table.hashes.last().copied().unwrap_or(ROOT_HASH);
+            let parent = table.hashes.last().copied().unwrap_or(table.root);
             let chunk = &tokens[i * bs..(i + 1) * bs];
             let hash = block_hash(parent, chunk);
             let id = table.blocks[i];
@@ -476,14 +513,14 @@ mod tests {
         // Two full blocks registered; the partial third is not.
         assert_eq!(a.hashes.len(), 2);
         // Same prompt while `a` still runs: shares both full blocks.
-        let (b, hit) = m.lookup_prefix(&prompt, 4);
+        let (b, hit) = m.lookup_prefix(&prompt, 4, ROOT_HASH);
         assert_eq!((ids(&b), hit), (vec![ids(&a)[0], ids(&a)[1]], 4));
         assert_eq!(m.refs(a.blocks()[0]), 2);
         // A prompt that differs in the second block shares only the first.
-        let (c, hit) = m.lookup_prefix(&[1, 2, 9, 4, 5], 4);
+        let (c, hit) = m.lookup_prefix(&[1, 2, 9, 4, 5], 4, ROOT_HASH);
         assert_eq!(hit, 2);
         // The cap leaves at least one token to compute.
-        let (d, hit) = m.lookup_prefix(&prompt[..4], 3);
+        let (d, hit) = m.lookup_prefix(&prompt[..4], 3, ROOT_HASH);
         assert_eq!(hit, 2);
         for t in [a, b, c, d] {
             m.free(t);
@@ -498,7 +535,7 @@ mod tests {
                 free: 6
             }
         );
-        let (e, hit) = m.lookup_prefix(&prompt, 4);
+        let (e, hit) = m.lookup_prefix(&prompt, 4, ROOT_HASH);
         assert_eq!(hit, 4);
         assert_eq!(m.usage().cached, 0);
         m.free(e);
@@ -513,7 +550,7 @@ mod tests {
         m.register_computed(&mut a, &[1, 2, 3, 4], 4);
         m.free(a);
         // Same second block [3, 4] after a different first block: no hit at all.
-        let (t, hit) = m.lookup_prefix(&[9, 9, 3, 4, 5], 4);
+        let (t, hit) = m.lookup_prefix(&[9, 9, 3, 4, 5], 4, ROOT_HASH);
         assert_eq!(hit, 0);
         m.free(t);
     }
@@ -530,7 +567,7 @@ mod tests {
         let mut t = BlockTable::default();
         m.allocate(&mut t, 1).unwrap();
         assert_eq!(ids(&t), vec![2]);
-        let (hit_table, hit) = m.lookup_prefix(&[10, 11, 12, 13], 3);
+        let (hit_table, hit) = m.lookup_prefix(&[10, 11, 12, 13], 3, ROOT_HASH);
         assert_eq!(hit, 2);
         m.free(hit_table);
         m.free(t);
@@ -560,6 +597,25 @@ mod tests {
     }
 
     #[test]
+    fn scopes_do_not_share_blocks() {
+        let mut m = BlockManager::new(8, 2, true);
+        let a_root = scope_root(Some("tenant-a"));
+        let (mut a, _) = m.lookup_prefix(&[1, 2, 3, 4], 3, a_root);
+        m.allocate(&mut a, 2).unwrap();
+        m.register_computed(&mut a, &[1, 2, 3, 4], 4);
+        let (b, hit) = m.lookup_prefix(&[1, 2, 3, 4, 5], 4, scope_root(Some("tenant-b")));
+        assert_eq!(hit, 0, "another scope must not see tenant a's blocks");
+        let (shared, hit) = m.lookup_prefix(&[1, 2, 3, 4, 5], 4, ROOT_HASH);
+        assert_eq!(hit, 0, "nor the shared scope");
+        let (same, hit) = m.lookup_prefix(&[1, 2, 3, 4, 5], 4, a_root);
+        assert_eq!(hit, 4, "the same scope does");
+        for t in [a, b, shared, same] {
+            m.free(t);
+        }
+        m.check(None).unwrap();
+    }
+
+    #[test]
     fn prefix_caching_off_never_hits() {
         let mut m = BlockManager::new(4, 2, false);
         let mut a = BlockTable::default();
@@ -567,7 +623,7 @@ mod tests {
         m.register_computed(&mut a, &[1, 2, 3, 4], 4);
         m.free(a);
         assert_eq!(m.usage().free, 4);
-        let (t, hit) = m.lookup_prefix(&[1, 2, 3, 4, 5], 4);
+        let (t, hit) = m.lookup_prefix(&[1, 2, 3, 4, 5], 4, ROOT_HASH);
         assert_eq!(hit, 0);
         m.free(t);
     }

@@ -18,9 +18,16 @@ pub struct JobRequest {
     /// Stop as soon as the generated text contains one of these (finish reason
     /// [`FinishReason::StopSequence`]); the stop string's text is not emitted.
     pub stop: Vec<String>,
-    /// Who is asking (API key or a header the server names), for fair sharing. `None` is one
-    /// shared anonymous tenant.
+    /// Who is asking (the API key, or a header a trusted gateway sets), for fair sharing.
+    /// `None` is one shared anonymous tenant.
     pub tenant: Option<String>,
+    /// A subdivision of the tenant's share (a header under an API key): jobs of one tenant
+    /// share its slots fairly between their subtenants, and a subtenant never gets more
+    /// than its tenant would.
+    pub subtenant: Option<String>,
+    /// The prefix-cache scope: jobs reuse each other's cached KV blocks only when their
+    /// salts are equal. `None` is the shared scope.
+    pub cache_salt: Option<String>,
     /// Larger is more urgent; 0 by default. Only the priority policy and fair share (within
     /// a tenant) look at it.
     pub priority: i32,
@@ -37,6 +44,8 @@ impl JobRequest {
             max_new_tokens,
             stop: Vec::new(),
             tenant: None,
+            subtenant: None,
+            cache_salt: None,
             priority: 0,
             deadline: None,
         }

@@ -33,10 +33,12 @@ pub struct Candidate<'a> {
     pub admitted: u64,
     /// Running sequences of this candidate's tenant right now (itself included when running).
     pub tenant_running: usize,
+    /// Of those, the ones of its subtenant.
+    pub subtenant_running: usize,
 }
 
 /// A sort key: compared lexicographically.
-pub type SortKey = [i64; 3];
+pub type SortKey = [i64; 4];
 
 /// Orders waiting sequences for admission and running sequences for preemption.
 pub trait Policy: Send + fmt::Debug {
@@ -98,10 +100,10 @@ impl Policy for Fcfs {
         "fcfs"
     }
     fn admit_key(&self, c: &Candidate<'_>) -> SortKey {
-        [clamp(c.arrival), 0, 0]
+        [clamp(c.arrival), 0, 0, 0]
     }
     fn victim_key(&self, c: &Candidate<'_>) -> SortKey {
-        [clamp(c.admitted), 0, 0]
+        [clamp(c.admitted), 0, 0, 0]
     }
 }
 
@@ -114,14 +116,16 @@ impl Policy for PriorityFirst {
         "priority"
     }
     fn admit_key(&self, c: &Candidate<'_>) -> SortKey {
-        [-i64::from(c.priority), clamp(c.arrival), 0]
+        [-i64::from(c.priority), clamp(c.arrival), 0, 0]
     }
     fn victim_key(&self, c: &Candidate<'_>) -> SortKey {
-        [-i64::from(c.priority), clamp(c.admitted), 0]
+        [-i64::from(c.priority), clamp(c.admitted), 0, 0]
     }
 }
 
-/// Fair share between tenants: fewest running sequences first.
+/// Fair share between tenants, then between a tenant's subtenants: fewest running
+/// sequences first. A subtenant is compared only within its tenant, so subdividing a
+/// tenant never enlarges its share.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FairShare;
 
@@ -132,6 +136,7 @@ impl Policy for FairShare {
     fn admit_key(&self, c: &Candidate<'_>) -> SortKey {
         [
             clamp(c.tenant_running as u64),
+            clamp(c.subtenant_running as u64),
             -i64::from(c.priority),
             clamp(c.arrival),
         ]
@@ -139,6 +144,7 @@ impl Policy for FairShare {
     fn victim_key(&self, c: &Candidate<'_>) -> SortKey {
         [
             clamp(c.tenant_running as u64),
+            clamp(c.subtenant_running as u64),
             -i64::from(c.priority),
             clamp(c.admitted),
         ]
@@ -156,6 +162,7 @@ mod tests {
             arrival,
             admitted: arrival,
             tenant_running,
+            subtenant_running: 0,
         }
     }
 
@@ -203,6 +210,27 @@ mod tests {
             .max_by_key(|c| FairShare.victim_key(c))
             .unwrap();
         assert_eq!(victim.tenant, "a");
+    }
+
+    #[test]
+    fn subtenants_share_their_tenant_s_slots_and_never_enlarge_them() {
+        // Tenant a runs 2 (both of subtenant x), tenant b runs 3: a goes first whatever its
+        // subtenant, and within a, the subtenant with fewer running goes first.
+        let mk = |tenant, arrival, tenant_running, subtenant_running| Candidate {
+            tenant,
+            priority: 0,
+            arrival,
+            admitted: arrival,
+            tenant_running,
+            subtenant_running,
+        };
+        let cs = [mk("b", 1, 3, 0), mk("a", 2, 2, 2), mk("a", 3, 2, 0)];
+        let next = cs.iter().min_by_key(|c| FairShare.admit_key(c)).unwrap();
+        assert_eq!((next.tenant, next.arrival), ("a", 3));
+        // A fresh subtenant of b (0 of its own running) still waits behind a.
+        let cs = [mk("b", 1, 3, 0), mk("a", 2, 2, 2)];
+        let next = cs.iter().min_by_key(|c| FairShare.admit_key(c)).unwrap();
+        assert_eq!(next.tenant, "a");
     }
 
     #[test]

@@ -61,7 +61,7 @@ proptest! {
             match op {
                 BlockOp::New { prefix, extra } => {
                     let tokens = tokens_for(prefix, &extra);
-                    let (mut t, hit) = m.lookup_prefix(&tokens, tokens.len() - 1);
+                    let (mut t, hit) = m.lookup_prefix(&tokens, tokens.len() - 1, crate::blocks::ROOT_HASH);
                     prop_assert!(hit < tokens.len() && hit % 2 == 0);
                     if m.ensure_capacity(&mut t, tokens.len()).is_ok() {
                         m.register_computed(&mut t, &tokens, tokens.len());

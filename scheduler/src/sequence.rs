@@ -18,7 +18,7 @@ use std::time::Instant;
 use gptj_engine::Sampler;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::blocks::BlockTable;
+use crate::blocks::{BlockHash, BlockTable};
 use crate::job::{JobEvent, Usage};
 use crate::stop::TextOutput;
 
@@ -39,6 +39,10 @@ pub(crate) struct Sequence {
     pub arrival: u64,
     /// Tenant (`""` when none), shared so the policy's per-tenant counts copy no string.
     pub tenant: Arc<str>,
+    /// Subtenant within the tenant (`""` when none).
+    pub subtenant: Arc<str>,
+    /// The prefix-cache scope's root key.
+    pub cache_root: BlockHash,
     pub priority: i32,
     pub deadline: Option<Instant>,
     /// Prompt followed by the generated tokens.

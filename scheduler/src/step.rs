@@ -119,20 +119,20 @@ pub(crate) fn plan(q: Queues<'_>, policy: &dyn Policy, limits: &StepLimits, now:
     if !may_admit || waiting.is_empty() {
         return plan;
     }
-    let mut tenant_running: HashMap<Arc<str>, usize> = HashMap::new();
+    let mut counts = RunningCounts::default();
     for r in running.iter() {
-        *tenant_running.entry(Arc::clone(&r.seq.tenant)).or_default() += 1;
+        counts.add(&r.seq);
     }
     while running.len() < limits.max_num_seqs && !waiting.is_empty() {
         if budget == 0 && limits.kind == SchedulerKind::Continuous {
             break;
         }
-        let Some(idx) = pick_next(waiting, &tenant_running, policy) else {
+        let Some(idx) = pick_next(waiting, &counts, policy) else {
             break;
         };
         let seq = &waiting[idx];
         let len = seq.tokens.len();
-        let (mut table, hit) = blocks.lookup_prefix(&seq.tokens, len - 1);
+        let (mut table, hit) = blocks.lookup_prefix(&seq.tokens, len - 1, seq.cache_root);
         let n = (len - hit).min(budget);
         let missing = blocks.blocks_missing(&table, hit + n);
         if blocks.allocate(&mut table, missing).is_err() {
@@ -146,7 +146,7 @@ pub(crate) fn plan(q: Queues<'_>, policy: &dyn Policy, limits: &StepLimits, now:
             seq.first_admitted = Some(now);
             seq.cached_prompt_tokens = hit.min(seq.prompt_len);
         }
-        *tenant_running.entry(Arc::clone(&seq.tenant)).or_default() += 1;
+        counts.add(&seq);
         *admissions += 1;
         running.push(Running {
             seq,
@@ -166,22 +166,41 @@ pub(crate) fn plan(q: Queues<'_>, policy: &dyn Policy, limits: &StepLimits, now:
     plan
 }
 
+/// Running sequences per tenant and per (tenant, subtenant), for the policy.
+#[derive(Default)]
+struct RunningCounts {
+    tenant: HashMap<Arc<str>, usize>,
+    subtenant: HashMap<(Arc<str>, Arc<str>), usize>,
+}
+
+impl RunningCounts {
+    fn add(&mut self, s: &Sequence) {
+        *self.tenant.entry(Arc::clone(&s.tenant)).or_default() += 1;
+        let key = (Arc::clone(&s.tenant), Arc::clone(&s.subtenant));
+        *self.subtenant.entry(key).or_default() += 1;
+    }
+
+    fn of(&self, s: &Sequence) -> (usize, usize) {
+        let t = self.tenant.get(&s.tenant).copied().unwrap_or(0);
+        let key = (Arc::clone(&s.tenant), Arc::clone(&s.subtenant));
+        (t, self.subtenant.get(&key).copied().unwrap_or(0))
+    }
+}
+
 /// Index (in `waiting`) of the sequence the policy admits next.
-fn pick_next(
-    waiting: &[Sequence],
-    tenant_running: &HashMap<Arc<str>, usize>,
-    policy: &dyn Policy,
-) -> Option<usize> {
+fn pick_next(waiting: &[Sequence], counts: &RunningCounts, policy: &dyn Policy) -> Option<usize> {
     waiting
         .iter()
         .enumerate()
         .min_by_key(|(_, s)| {
+            let (tenant_running, subtenant_running) = counts.of(s);
             policy.admit_key(&Candidate {
                 tenant: &s.tenant,
                 priority: s.priority,
                 arrival: s.arrival,
                 admitted: 0,
-                tenant_running: tenant_running.get(&s.tenant).copied().unwrap_or(0),
+                tenant_running,
+                subtenant_running,
             })
         })
         .map(|(i, _)| i)
@@ -190,17 +209,22 @@ fn pick_next(
 /// Index (in `candidates`) of the sequence to preempt; `all` is the whole running set, for
 /// the per-tenant counts.
 fn pick_victim(candidates: &[Running], all: &[Running], policy: &dyn Policy) -> usize {
-    let count = |tenant: &Arc<str>| all.iter().filter(|r| r.seq.tenant == *tenant).count();
+    let mut counts = RunningCounts::default();
+    for r in all {
+        counts.add(&r.seq);
+    }
     candidates
         .iter()
         .enumerate()
         .max_by_key(|(_, r)| {
+            let (tenant_running, subtenant_running) = counts.of(&r.seq);
             policy.victim_key(&Candidate {
                 tenant: &r.seq.tenant,
                 priority: r.seq.priority,
                 arrival: r.seq.arrival,
                 admitted: r.admitted,
-                tenant_running: count(&r.seq.tenant),
+                tenant_running,
+                subtenant_running,
             })
         })
         .map_or(0, |(i, _)| i)

@@ -66,6 +66,15 @@ pub struct GenerationArgs {
     pub return_full_text: bool,
 }
 
+/// Whose requests share prefix-cache entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheScope {
+    /// Each tenant its own (the same as `shared` when there is one tenant).
+    Tenant,
+    /// Every request's with every other's.
+    Shared,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -154,8 +163,19 @@ pub struct HttpArgs {
     #[arg(long, env = "GPTJ_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub write_timeout: Duration,
     /// Request header whose value names the tenant (for fair scheduling between tenants).
+    /// With API keys the key is the tenant and this header only subdivides its share;
+    /// without keys it is used only with --trust-tenant-header.
     #[arg(long, env = "GPTJ_TENANT_HEADER", default_value = "x-tenant-id")]
     pub tenant_header: String,
+    /// Without API keys, take the tenant from --tenant-header: say so only when a gateway in
+    /// front sets that header (and strips clients' own), or any client could invent tenants.
+    #[arg(long, env = "GPTJ_TRUST_TENANT_HEADER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_tenant_header: bool,
+    /// Whose requests reuse each other's cached prompt prefixes: `tenant` (a tenant only its
+    /// own, so no tenant can time another's prompts) or `shared` (everyone's; for
+    /// single-tenant deployments).
+    #[arg(long, env = "GPTJ_PREFIX_CACHE_SCOPE", value_enum, default_value_t = CacheScope::Tenant)]
+    pub prefix_cache_scope: CacheScope,
 }
 
 /// Everything `gptj generate` takes.

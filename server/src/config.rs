@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::http::HeaderName;
 
 use crate::api_keys::{ApiKeys, BadApiKey};
-use crate::cli::ServeArgs;
+use crate::cli::{CacheScope, ServeArgs};
 use crate::params::{Defaults, DefaultsError, Limits};
 
 /// A flag whose value the server cannot run with; the message names the flag.
@@ -72,6 +72,10 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Header naming the tenant.
     pub tenant_header: HeaderName,
+    /// Whether the header names the tenant when no API key does.
+    pub trust_tenant_header: bool,
+    /// Whose requests share prefix-cache entries.
+    pub prefix_cache_scope: CacheScope,
     /// How long reading a request body may take.
     pub body_read_timeout: Duration,
     /// The connection layer's bounds.
@@ -135,6 +139,8 @@ impl ServerConfig {
             request_timeout: h.request_timeout,
             shutdown_timeout: h.shutdown_timeout,
             tenant_header,
+            trust_tenant_header: h.trust_tenant_header,
+            prefix_cache_scope: h.prefix_cache_scope,
             body_read_timeout: nonzero("--body-read-timeout", h.body_read_timeout)?,
             connections: ConnectionLimits {
                 max_connections: h.max_connections as usize,

@@ -13,7 +13,7 @@ use anyhow::Context;
 use gptj_scheduler::{JobEvent, SchedulerConfig};
 
 use crate::cli::{GenerateArgs, LogFormat};
-use crate::generation::job;
+use crate::generation::{job, Tenancy};
 use crate::params::{Defaults, Dialect, Names, RequestParams};
 use crate::serve::load;
 use crate::telemetry;
@@ -64,7 +64,7 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|j| {
             backend
                 .scheduler
-                .submit(job(&ids, &plan, j, None, deadline))
+                .submit(job(&ids, &plan, j, &Tenancy::default(), deadline))
                 .map_err(anyhow::Error::from)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -41,12 +41,38 @@ pub struct Generation {
     pub stream: bool,
 }
 
+/// Who a request is for: whose share of the batch it takes, and whose cached prompt
+/// prefixes it may reuse.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tenancy {
+    /// The scheduler tenant (`None`: the one anonymous tenant).
+    pub tenant: Option<String>,
+    /// A subdivision of the tenant's share.
+    pub subtenant: Option<String>,
+    /// The prefix-cache scope (`None`: shared with every request in the shared scope).
+    pub cache_scope: Option<String>,
+}
+
+impl Tenancy {
+    /// The cache salt of a request that also gave its own `cache_salt`: it shares cached
+    /// prefixes only with requests of the same scope and the same salt.
+    fn cache_salt(&self, request_salt: Option<&str>) -> Option<String> {
+        match (&self.cache_scope, request_salt) {
+            (scope, None) => scope.clone(),
+            (scope, Some(salt)) => Some(format!(
+                "{}\u{1f}{salt}",
+                scope.as_deref().unwrap_or_default()
+            )),
+        }
+    }
+}
+
 /// The job for sequence `j` of a prompt.
 pub fn job(
     prompt_ids: &[u32],
     plan: &Plan,
     j: usize,
-    tenant: Option<String>,
+    tenancy: &Tenancy,
     deadline: Instant,
 ) -> JobRequest {
     JobRequest {
@@ -54,7 +80,9 @@ pub fn job(
         params: plan.sampling_for(j),
         max_new_tokens: plan.max_new_tokens,
         stop: plan.stop.clone(),
-        tenant,
+        tenant: tenancy.tenant.clone(),
+        subtenant: tenancy.subtenant.clone(),
+        cache_salt: tenancy.cache_salt(plan.cache_salt.as_deref()),
         priority: 0,
         deadline: Some(deadline),
     }
@@ -225,7 +253,7 @@ pub async fn submit(
     generation: &Generation,
     dialect: &Dialect,
     at: PromptName,
-    tenant: Option<String>,
+    tenancy: &Tenancy,
     deadline: Instant,
 ) -> Result<(Submitted, Vec<JobStream>), ApiError> {
     let Generation {
@@ -260,7 +288,7 @@ pub async fn submit(
         for j in 0..per_prompt {
             let stream = backend
                 .scheduler
-                .submit(job(p, plan, j, tenant.clone(), deadline))
+                .submit(job(p, plan, j, tenancy, deadline))
                 .map_err(|e| submit_error(e, at(i), dialect))?;
             streams.push(stream);
         }

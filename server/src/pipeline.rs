@@ -29,8 +29,10 @@ use axum::Json;
 use serde_json::{Map, Value};
 
 use crate::api_keys::KeyIndex;
+use crate::cli::CacheScope;
+use crate::config::ServerConfig;
 use crate::error::{ApiError, Wire};
-use crate::generation::{self, collect_all, Finished, Generation, Submitted};
+use crate::generation::{self, collect_all, Finished, Generation, Submitted, Tenancy};
 use crate::params::{parse_body, Dialect, Limits, ValidationError};
 use crate::sse::{self, Shaper, StreamContext};
 use crate::state::AppState;
@@ -134,8 +136,8 @@ pub struct RequestContext {
     pub state: AppState,
     /// The request's log record.
     pub record: Arc<RequestRecord>,
-    /// The scheduler tenant.
-    pub tenant: Option<String>,
+    /// Whose share and cache scope the request takes.
+    pub tenancy: Tenancy,
     /// When the request must be done.
     pub deadline: Instant,
 }
@@ -160,22 +162,43 @@ impl FromRequestParts<AppState> for RequestContext {
                     crate::telemetry::UNMATCHED.to_owned(),
                 ))
             });
-        let key = parts.extensions.get::<KeyIndex>().copied();
         let config = state.config();
-        let tenant = parts
+        let key = parts.extensions.get::<KeyIndex>().copied();
+        let header = parts
             .headers
             .get(&config.tenant_header)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.trim().chars().take(128).collect::<String>())
-            .filter(|s| !s.is_empty())
-            .or_else(|| key.map(|k| format!("key-{}", k.0)));
+            .filter(|s| !s.is_empty());
         let deadline = record.start() + config.request_timeout;
         Ok(Self {
             state: state.clone(),
             record,
-            tenant,
+            tenancy: tenancy(config, key, header),
             deadline,
         })
+    }
+}
+
+/// Who a request is for. With API keys, the key is the tenant and the tenant header only
+/// subdivides its share; without keys, the header names the tenant only when the operator
+/// trusts it (a gateway sets it), else every request is the one anonymous tenant. So no
+/// client multiplies its share by inventing tenant names. The prefix-cache scope is the
+/// tenant, unless the operator shares the cache.
+pub fn tenancy(config: &ServerConfig, key: Option<KeyIndex>, header: Option<String>) -> Tenancy {
+    let (tenant, subtenant) = match key {
+        Some(k) => (Some(format!("key-{}", k.0)), header),
+        None if config.trust_tenant_header => (header, None),
+        None => (None, None),
+    };
+    let cache_scope = match config.prefix_cache_scope {
+        CacheScope::Tenant => tenant.clone(),
+        CacheScope::Shared => None,
+    };
+    Tenancy {
+        tenant,
+        subtenant,
+        cache_scope,
     }
 }
 
@@ -239,7 +262,7 @@ async fn run<P: Protocol>(
     let RequestContext {
         state,
         record,
-        tenant,
+        tenancy,
         deadline,
     } = ctx;
     record.set_generation();
@@ -260,7 +283,7 @@ async fn run<P: Protocol>(
         generation,
         &P::DIALECT,
         P::prompt_name,
-        tenant,
+        &tenancy,
         deadline,
     )
     .await?;

@@ -179,6 +179,7 @@ impl Defaults {
             max_new_tokens: max.tokens,
             stop: p.stop.clone().unwrap_or_default(),
             return_full_text: self.return_full_text(p),
+            cache_salt: p.cache_salt.clone(),
         })
     }
 
@@ -267,6 +268,8 @@ pub struct Plan {
     pub stop: Vec<String>,
     /// Whether the returned text starts with the prompt.
     pub return_full_text: bool,
+    /// The request's prefix-cache salt.
+    pub cache_salt: Option<String>,
 }
 
 impl Plan {

@@ -9,7 +9,7 @@
 
 use serde_json::{Map, Value};
 
-use super::json::{read_bool, read_float, read_stop, read_uint};
+use super::json::{read_bool, read_float, read_stop, read_string, read_uint};
 use super::ValidationError;
 use crate::cli::GenerationArgs;
 
@@ -49,6 +49,8 @@ pub struct RequestParams {
     pub stop: Option<Vec<String>>,
     /// Prompt included in the returned text.
     pub return_full_text: Option<bool>,
+    /// The request's prefix-cache salt.
+    pub cache_salt: Option<String>,
 }
 
 /// Limits that depend on the server's flags.
@@ -90,7 +92,15 @@ pub enum Kind {
         /// Stores the value.
         store: fn(&mut RequestParams, Vec<String>),
     },
+    /// A non-empty string of at most [`MAX_TEXT_LEN`] bytes.
+    Text {
+        /// Stores the value.
+        store: fn(&mut RequestParams, String),
+    },
 }
+
+/// Longest text parameter, in bytes.
+pub const MAX_TEXT_LEN: usize = 256;
 
 /// The upper bound of an integer parameter.
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +208,9 @@ pub const PARAMETERS: &[Param] = &[
     Param::bool("return_full_text", |p, v| p.return_full_text = Some(v))
         .default("--return-full-text", |a| Some(a.return_full_text.to_string()))
         .doc("whether the returned text starts with the prompt (the flag is V1's default; OIP and OpenAI default to false)"),
+    Param::text("cache_salt", |p, v| p.cache_salt = Some(v)).doc(
+        "vLLM's prefix-cache salt: the request reuses cached prompt prefixes only of requests with the same salt (and tenant)",
+    ),
 ];
 
 /// The parameter named `name` in the table.
@@ -241,6 +254,10 @@ impl Param {
         Self::new(name, Kind::Stop { store })
     }
 
+    const fn text(name: &'static str, store: fn(&mut RequestParams, String)) -> Self {
+        Self::new(name, Kind::Text { store })
+    }
+
     /// The flag that sets the default, and how to read its value from the parsed flags.
     const fn default(
         self,
@@ -269,6 +286,7 @@ impl Param {
             Kind::Float { range, .. } => range.describe().to_owned(),
             Kind::Bool { .. } => "a boolean".to_owned(),
             Kind::Stop { .. } => "a string or an array of strings".to_owned(),
+            Kind::Text { .. } => format!("a string of 1 to {MAX_TEXT_LEN} bytes"),
         }
     }
 
@@ -295,6 +313,17 @@ impl Param {
             ),
             Kind::Bool { store } => store(p, read_bool(field, v)?),
             Kind::Stop { store } => store(p, read_stop(field, v)?),
+            Kind::Text { store } => {
+                let text = read_string(field, v)?;
+                if text.is_empty() || text.len() > MAX_TEXT_LEN {
+                    return Err(ValidationError::OutOfRange {
+                        field: field.into(),
+                        range: self.range(limits),
+                        value: super::describe(v),
+                    });
+                }
+                store(p, text.to_owned())
+            }
         }
         Ok(())
     }

@@ -92,6 +92,7 @@ impl Protocol for Completions {
             "repetition_penalty",
             "seed",
             "stop",
+            "cache_salt",
         ]),
     };
     type Request = CompletionRequest;

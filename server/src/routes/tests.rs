@@ -695,3 +695,39 @@ async fn early_answers_close_the_connection() {
         .get("connection")
         .is_none());
 }
+
+/// The tenant boundary: a key is its tenant and the header only subdivides it; without keys
+/// the header counts only when the operator trusts it; the cache scope follows the tenant.
+#[test]
+fn tenancy_follows_keys_and_trust() {
+    use crate::generation::Tenancy;
+    use crate::pipeline::tenancy;
+    let keyed = loading(&["--api-key", "a,b"]);
+    let t = tenancy(
+        keyed.config(),
+        Some(crate::api_keys::KeyIndex(1)),
+        Some("x".into()),
+    );
+    assert_eq!(
+        t,
+        Tenancy {
+            tenant: Some("key-1".into()),
+            subtenant: Some("x".into()),
+            cache_scope: Some("key-1".into()),
+        }
+    );
+    let open = loading(&[]);
+    assert_eq!(
+        tenancy(open.config(), None, Some("x".into())),
+        Tenancy::default()
+    );
+    let trusted = loading(&["--trust-tenant-header", "true"]);
+    let t = tenancy(trusted.config(), None, Some("team-a".into()));
+    assert_eq!(
+        (t.tenant.as_deref(), t.subtenant, t.cache_scope.as_deref()),
+        (Some("team-a"), None, Some("team-a"))
+    );
+    let shared = loading(&["--api-key", "a", "--prefix-cache-scope", "shared"]);
+    let t = tenancy(shared.config(), Some(crate::api_keys::KeyIndex(0)), None);
+    assert_eq!((t.tenant.as_deref(), t.cache_scope), (Some("key-0"), None));
+}
