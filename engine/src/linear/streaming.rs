@@ -10,8 +10,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{vector, Elem};
 use crate::error::Result;
-use crate::simd::{self, Elem};
 
 /// `x @ w^T` for `x` `(m, k)` and `w` stored `(n, k)` (the checkpoint's `(out, in)` layout).
 pub(crate) fn streaming_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -49,7 +49,7 @@ fn rowdot<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> Vec<f32>
                     let wf = T::as_f32(seg, &mut buf);
                     for (r, s) in sums.iter_mut().enumerate() {
                         let xs = &x[r * k + c * CHUNK..r * k + c * CHUNK + seg.len()];
-                        *s += simd::dot(xs, wf);
+                        *s += vector::dot(xs, wf);
                     }
                 }
                 for (r, s) in sums.iter().enumerate() {
