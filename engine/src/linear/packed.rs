@@ -564,6 +564,54 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The panels put weight `(n, k)` where the float kernel reads output `n`'s input `k`:
+    /// group `n / 16`, row `k`, lane `n % 16`; padding columns are zero. Plain Rust (Miri).
+    #[test]
+    fn float_panels_hold_each_weight_in_its_lane() {
+        let (out_dim, in_dim) = (20, 3);
+        let w: Vec<f32> = (0..out_dim * in_dim).map(|i| i as f32 + 1.0).collect();
+        let p = pack_float(&w, out_dim, in_dim, |v| v);
+        assert_eq!(p.len(), 2 * in_dim * LANES);
+        for g in 0..2 {
+            for k in 0..in_dim {
+                for lane in 0..LANES {
+                    let n = g * LANES + lane;
+                    let want = if n < out_dim { w[n * in_dim + k] } else { 0.0 };
+                    assert_eq!(p[(g * in_dim + k) * LANES + lane], want, "n {n} k {k}");
+                }
+            }
+        }
+    }
+
+    /// q8_0 panels: quants at `[group][block][quad][lane][4]` offset by 128, one f16 scale per
+    /// (column, block), dequantizing to the weight within half a quantization step; padding
+    /// columns are quant 0 with scale 0. Plain Rust (Miri).
+    #[test]
+    fn q8_panels_dequantize_to_the_weights() {
+        let (out_dim, in_dim) = (18, 2 * QBLOCK);
+        let w: Vec<f32> = (0..out_dim * in_dim)
+            .map(|i| ((i * 7919 % 255) as f32 - 127.0) / 64.0)
+            .collect();
+        let (quants, scales) = pack_q8(&w, out_dim, in_dim);
+        let blocks = in_dim / QBLOCK;
+        for n in 0..2 * LANES {
+            let (g, lane) = (n / LANES, n % LANES);
+            for b in 0..blocks {
+                let d = scales[(g * blocks + b) * LANES + lane].to_f32();
+                for i in 0..QBLOCK {
+                    let at = (g * blocks + b) * QBLOCK * LANES + (i / 4) * LANES * 4 + lane * 4;
+                    let q = quants[at + i % 4] as i32 - 128;
+                    if n >= out_dim {
+                        assert_eq!((q, d), (0, 0.0), "padding column {n}");
+                        continue;
+                    }
+                    let want = w[n * in_dim + b * QBLOCK + i];
+                    assert!((q as f32 * d - want).abs() <= d / 2.0 + 1e-6, "n {n} {i}");
+                }
+            }
+        }
+    }
+
     fn max_abs(v: &[f32]) -> f32 {
         v.iter().fold(0f32, |m, x| m.max(x.abs()))
     }

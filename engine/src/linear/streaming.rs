@@ -140,6 +140,29 @@ impl CustomOp2 for StreamingMatmul {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+    use half::bf16;
+
+    /// The slice-level product against plain dot products, across a widening chunk boundary
+    /// and in bf16. Plain Rust over slices (Miri).
+    #[test]
+    fn rowdot_matches_plain_dot_products() {
+        let (m, k, n) = (2, CHUNK + 44, 3);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) / 8.0).collect();
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(((i % 7) as f32 - 3.0) / 4.0))
+            .collect();
+        let out = rowdot(&x, m, k, &w, n);
+        for r in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|i| x[r * k + i] * w[j * k + i].to_f32()).sum();
+                let got = out[r * n + j];
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{r},{j}: {got} vs {want}"
+                );
+            }
+        }
+    }
 
     fn max_abs(t: &Tensor) -> f32 {
         t.abs()
