@@ -9,6 +9,7 @@
 // Every `unsafe` operation, inside `unsafe fn`s too, sits in its own block with the reason it
 // is sound: the kernels are where that matters most.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod attention;
 pub mod batch;

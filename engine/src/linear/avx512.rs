@@ -91,20 +91,23 @@ unsafe fn store_acc<const R: usize, const C: usize>(
 /// `C * 16` outputs.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 pub(crate) unsafe fn float_tile<const R: usize, const C: usize, T: Elem>(t: FloatTile<T>) {
-    // SAFETY (of every pointer access below): inside the tile the caller promised.
+    // SAFETY: the bias and `out` cover the tile (the caller's promise).
     let mut acc = unsafe { start_acc::<R, C>(t.bias, t.out, t.out_stride) };
     for k in 0..t.len {
         let mut w = [_mm512_setzero_ps(); C];
         for (c, wc) in w.iter_mut().enumerate() {
+            // SAFETY: `c < C` panels of `len * 16` from `w`, `k < len` (the caller's promise).
             *wc = unsafe { T::load16(t.w.add(c * t.w_stride + k * LANES)) };
         }
         for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: `r < R` rows of `len` inputs from `x`, `k < len`.
             let xv = _mm512_set1_ps(unsafe { *t.x.add(r * t.x_stride + k) });
             for (c, a) in row.iter_mut().enumerate() {
                 *a = _mm512_fmadd_ps(w[c], xv, *a);
             }
         }
     }
+    // SAFETY: `out` covers the tile.
     unsafe { store_acc(&acc, t.out, t.out_stride) };
 }
 
@@ -216,24 +219,27 @@ pub(crate) struct Q8Tile {
 /// blocks, `out` (and the bias, if any) `R` rows of `C * 16` outputs.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
 pub(crate) unsafe fn q8_tile<const R: usize, const C: usize>(t: Q8Tile) {
-    // SAFETY (of every pointer access below): inside the tile the caller promised.
+    // SAFETY: the bias and `out` cover the tile (the caller's promise).
     let mut acc = unsafe { start_acc::<R, C>(t.bias, t.out, t.out_stride) };
     let panel = t.w_group_blocks * QBLOCK * LANES;
     for b in 0..t.blocks {
         let mut sums = [[_mm512_setzero_si512(); C]; R];
         for (r, row) in sums.iter_mut().enumerate() {
+            // SAFETY: `r < R` rows of `blocks` offsets, `b < blocks` (the caller's promise).
             let start = _mm512_set1_epi32(unsafe { *t.x_offsets.add(r * t.x_block_stride + b) });
             *row = [start; C];
         }
-        let wb = unsafe { t.wq.add(b * QBLOCK * LANES) };
-        let xb = unsafe { t.xq.add(b * QBLOCK) };
+        // SAFETY: block `b < blocks` of the first panel and of the first input row.
+        let (wb, xb) = unsafe { (t.wq.add(b * QBLOCK * LANES), t.xq.add(b * QBLOCK)) };
         for quad in 0..QBLOCK / 4 {
             let mut w = [_mm512_setzero_si512(); C];
             for (c, wc) in w.iter_mut().enumerate() {
+                // SAFETY: 64 bytes of quad `quad` of block `b` in panel `c < C`.
                 *wc =
                     unsafe { _mm512_loadu_si512(wb.add(c * panel + quad * 4 * LANES) as *const _) };
             }
             for (r, row) in sums.iter_mut().enumerate() {
+                // SAFETY: 4 quants of row `r < R`, block `b`.
                 let four =
                     unsafe { (xb.add(r * t.x_stride + quad * 4) as *const i32).read_unaligned() };
                 let xv = _mm512_set1_epi32(four);
@@ -244,10 +250,15 @@ pub(crate) unsafe fn q8_tile<const R: usize, const C: usize>(t: Q8Tile) {
         }
         let mut ws = [_mm512_setzero_ps(); C];
         for (c, wsc) in ws.iter_mut().enumerate() {
-            let p = unsafe { t.w_scales.add(c * t.w_group_blocks * LANES + b * LANES) };
-            *wsc = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) });
+            // SAFETY: the 16 f16 scales of block `b` in panel `c < C`.
+            let scales = unsafe {
+                let p = t.w_scales.add(c * t.w_group_blocks * LANES + b * LANES);
+                _mm256_loadu_si256(p as *const __m256i)
+            };
+            *wsc = _mm512_cvtph_ps(scales);
         }
         for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: row `r < R`'s scale of block `b`.
             let dx = _mm512_set1_ps(unsafe { *t.x_scales.add(r * t.x_block_stride + b) });
             for (c, a) in row.iter_mut().enumerate() {
                 let scale = _mm512_mul_ps(ws[c], dx);
@@ -255,5 +266,6 @@ pub(crate) unsafe fn q8_tile<const R: usize, const C: usize>(t: Q8Tile) {
             }
         }
     }
+    // SAFETY: `out` covers the tile.
     unsafe { store_acc(&acc, t.out, t.out_stride) };
 }

@@ -409,14 +409,14 @@ impl Job<'_> {
                 }
             };
         }
-        // SAFETY (of both kernel calls): the view covers the tile (checked where it is made),
-        // `self.lin.cpu` proves the features, and the output part is this thread's alone (the
-        // caller's promise).
         macro_rules! float {
             ($p:expr) => {{
                 let view = self.view($p, r, nr, g, nc, k0, k1);
                 macro_rules! call {
                     ($rr:literal, $cc:literal) => {
+                        // SAFETY: the view covers an `nr` x `nc` tile (checked where it is
+                        // made), `self.lin.cpu` proves the features, and the output part is
+                        // this thread's alone (the caller's promise).
                         unsafe { avx512::float_tile::<$rr, $cc, _>(view) }
                     };
                 }
@@ -425,6 +425,7 @@ impl Job<'_> {
         }
         macro_rules! q8 {
             ($rr:literal, $cc:literal) => {
+                // SAFETY: as for `float_tile` above.
                 unsafe { avx512::q8_tile::<$rr, $cc>(self.q8_view(r, nr, g, nc, k0, k1)) }
             };
         }
