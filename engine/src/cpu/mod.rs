@@ -225,6 +225,23 @@ mod tests {
         let _ = out.ptr(4..9);
     }
 
+    /// The token costs nothing to carry, and detection hands one out exactly where the CPU
+    /// has every feature the kernels are compiled for (this process does not set
+    /// `GPTJ_CPU_KERNELS=candle`, or the token is refused whatever the CPU).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_token_is_free_and_only_detection_makes_one() {
+        assert_eq!(std::mem::size_of::<Avx512>(), 0);
+        let forced_off = std::env::var("GPTJ_CPU_KERNELS").is_ok_and(|v| v == "candle");
+        let cpu = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("fma");
+        assert_eq!(Avx512::detect().is_some(), cpu && !forced_off);
+    }
+
     #[test]
     fn elem_round_trips_through_f32() {
         let x = [1.5f32, -2.25, 0.0, 65504.0];
