@@ -1,4 +1,4 @@
-//! A/B of the streaming matmul (`gemv.rs`, used for bf16) against candle's gemm on GPT-J-6B-sized
+//! A/B of the streaming matmul (`linear/streaming.rs`, used for bf16) against candle's gemm on GPT-J-6B-sized
 //! matrices (4096 x 4096), cycling through enough distinct weights (>= 1.5 GB) that none stays
 //! in the L3 cache. Reports the best of 3 passes. Run on a quiet machine:
 //! `cargo run --release -p gptj-engine --example gemv_ab`

@@ -1,4 +1,4 @@
-//! Throughput of the packed AVX-512 products (`packed.rs`) against candle's CPU matmul (f32
+//! Throughput of the packed AVX-512 products (`linear/packed.rs`) against candle's CPU matmul (f32
 //! gemm, and QMatMul for q8_0) on the `small` shape's largest matrix (fc_in, 768 -> 3072) at
 //! batch 1 and 64, with the machine's peak for scale. Run on a quiet machine:
 //! `cargo run --release -p gptj-engine --example packed_ab`

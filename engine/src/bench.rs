@@ -203,25 +203,40 @@ pub fn streaming_matmul_for_bench(
     x: &candle_core::Tensor,
     w: &candle_core::Tensor,
 ) -> crate::Result<candle_core::Tensor> {
-    crate::gemv::streaming_matmul(x, w)
+    crate::linear::streaming_matmul(x, w)
 }
 
-/// A linear layer on the packed CPU kernels (`packed.rs`), exposed for
+/// A linear layer on the packed CPU kernels (`linear/packed.rs`), exposed for
 /// `examples/packed_ab.rs` (not a stable API). `None` where the CPU lacks AVX-512 VNNI or
 /// the packed kernels have no form for this precision and shape.
 #[doc(hidden)]
+#[cfg(target_arch = "x86_64")]
 pub fn packed_linear_for_bench(
     weight: &candle_core::Tensor,
     precision: Precision,
 ) -> crate::Result<Option<impl Fn(&candle_core::Tensor) -> crate::Result<candle_core::Tensor>>> {
-    use crate::packed::{available, PackedKind, PackedLinear};
-    if !available() {
+    use crate::linear::packed::{PackedKind, PackedLinear};
+    use crate::linear::Activation;
+    let Some(cpu) = crate::cpu::Avx512::detect() else {
         return Ok(None);
-    }
+    };
     let act = precision.activation_dtype(candle_core::DType::F32);
     let Some(kind) = PackedKind::choose(precision, act, weight.dim(1)?) else {
         return Ok(None);
     };
-    let lin = PackedLinear::new(weight, None, kind)?;
-    Ok(Some(move |x: &candle_core::Tensor| lin.forward(x)))
+    let lin = PackedLinear::new(cpu, weight, None, kind)?;
+    Ok(Some(move |x: &candle_core::Tensor| {
+        lin.forward(x, Activation::Identity)
+    }))
+}
+
+/// The packed kernels exist only on x86-64: always `None` elsewhere.
+#[doc(hidden)]
+#[cfg(not(target_arch = "x86_64"))]
+pub fn packed_linear_for_bench(
+    weight: &candle_core::Tensor,
+    precision: Precision,
+) -> crate::Result<Option<impl Fn(&candle_core::Tensor) -> crate::Result<candle_core::Tensor>>> {
+    let _ = (weight, precision);
+    Ok(None::<fn(&candle_core::Tensor) -> crate::Result<candle_core::Tensor>>)
 }

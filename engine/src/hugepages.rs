@@ -14,7 +14,8 @@ const HUGE_PAGE: usize = 2 << 20;
 /// Advises huge pages for the whole 2 MiB pages inside `start..start + len`, an allocation
 /// not yet touched (pages already faulted in stay small until the kernel collapses them).
 fn advise_range(start: usize, len: usize) {
-    #[cfg(target_os = "linux")]
+    // Not under Miri, which has no `madvise` (and no pages to back).
+    #[cfg(all(target_os = "linux", not(miri)))]
     {
         let end = start + len;
         let (first, last) = (
@@ -22,8 +23,9 @@ fn advise_range(start: usize, len: usize) {
             end / HUGE_PAGE * HUGE_PAGE,
         );
         if last > first {
-            // Safety: the range lies inside the caller's allocation; MADV_HUGEPAGE changes no
-            // contents, only how the kernel backs the pages.
+            // SAFETY: the range lies inside the caller's allocation (`first >= start`,
+            // `last <= end`); MADV_HUGEPAGE changes no contents, only how the kernel backs the
+            // pages.
             unsafe {
                 libc::madvise(
                     first as *mut libc::c_void,
@@ -33,14 +35,14 @@ fn advise_range(start: usize, len: usize) {
             }
         }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(all(target_os = "linux", not(miri))))]
     let _ = (start, len);
 }
 
 /// `vec![value; len]`, advised onto huge pages before it is first written.
 pub(crate) fn filled_vec<T: Clone>(value: T, len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
-    // Safety of the view: only the address range is used, never the (uninitialised) contents.
+    // Only the address range is used, never the (uninitialised) contents.
     advise_range(v.as_ptr() as usize, len * std::mem::size_of::<T>());
     v.resize(len, value);
     v

@@ -6,22 +6,25 @@
 //! per-sequence sampling. It knows nothing about HTTP or scheduling policy: the scheduler
 //! decides which rows go into a step and which KV blocks each row owns.
 
-#[cfg(target_arch = "x86_64")]
-mod avx512;
+// Every `unsafe` operation, inside `unsafe fn`s too, sits in its own block with the reason it
+// is sound: the kernels are where that matters most.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod attention;
 pub mod batch;
 pub mod bench;
 pub mod config;
+mod cpu;
 mod engine;
 pub mod error;
-mod gemv;
 pub mod hub;
 mod hugepages;
+mod linear;
 mod model;
-mod packed;
 mod paged;
 pub mod precision;
 pub mod sampling;
-mod simd;
 pub mod tokenizer;
 mod weights;
 

@@ -1,169 +1,63 @@
-//! GPT-J, as HuggingFace transformers' `GPTJForCausalLM` computes it, over a ragged batch.
+//! GPT-J (Wang and Komatsuzaki, 2021, <https://github.com/kingoflolz/mesh-transformer-jax>),
+//! as HuggingFace transformers' `GPTJForCausalLM` computes it
+//! (`src/transformers/models/gptj/modeling_gptj.py`, transformers 5.24.0, the version the
+//! golden fixtures were made with), over a ragged batch and a paged KV cache.
 //!
-//! All new tokens of a step are flattened into one `(tokens, n_embd)` matrix, so every
-//! linear layer is a single matmul for the whole batch; only attention looks at rows
-//! separately, through the paged KV cache.
+//! Key characteristics:
+//! - parallel residual: one LayerNorm feeds attention and the MLP, and both add to the
+//!   residual stream, `x + attn(ln_1(x)) + mlp(ln_1(x))`;
+//! - rotary position embedding on the first `rotary_dim` dims of each query and key head, in
+//!   the interleaved (rotate-every-two) layout: candle's `rope_i`;
+//! - no bias on q/k/v/out, biased `fc_in`/`fc_out`/`lm_head`, `gelu_new` between `fc_in` and
+//!   `fc_out`; softmax in f32.
 //!
-//! Per block: `h = ln_1(x)`; `x = x + out_proj(attn(h)) + fc_out(gelu_new(fc_in(h)))` (one
-//! LayerNorm feeding both branches in parallel). q/k get rotary embedding on their first
-//! `rotary_dim` dims in the interleaved (rotate-every-two) layout; no bias on q/k/v/out.
+//! All new tokens of a step are flattened into one `(tokens, n_embd)` matrix, so every linear
+//! layer is a single matmul for the whole batch; only attention looks at rows separately,
+//! through the paged KV cache (`paged`, `attention`). Which kernel runs each matmul is
+//! `linear`'s business, not the model's.
 
-use std::sync::Arc;
+use candle_core::{DType, Device, Tensor, D};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
-
+use crate::attention::{paged_attention, write_kv};
 use crate::config::GptjConfig;
 use crate::error::{EngineError, Result};
-use crate::gemv;
-use crate::packed::{self, PackedKind, PackedLinear};
-use crate::paged::{paged_attention, write_kv, KvPool, StepLayout};
+use crate::linear::{Activation, Linear};
+use crate::paged::{KvPool, StepLayout};
 use crate::precision::{KvCacheDtype, Precision};
 use crate::weights::WeightSource;
 
-/// A linear layer `y = x W^T + b`.
-///
-/// Every kernel here gives a row the same result whatever else is in the batch (measured
-/// with `examples/invariance.rs`: candle's CPU gemm is bitwise batch-invariant for two rows
-/// or more, only its one-row path differs, so one row is run as two), so a seeded request
-/// samples the same tokens whoever shares its steps.
-#[derive(Debug)]
-enum Linear {
-    /// candle's gemm. `weight` is `(out, in)` as stored in the checkpoint, multiplied as
-    /// `x @ weight.t()`, or on CPU kept transposed `(in, out)` and contiguous (`transposed`)
-    /// where that is faster or needed for batch invariance (see `Linear::new`).
-    Gemm {
-        weight: Tensor,
-        bias: Option<Tensor>,
-        transposed: bool,
-    },
-    /// bf16 on CPU, where candle has no bf16 gemm: see `gemv::streaming_matmul`.
-    Streaming {
-        weight: Tensor,
-        bias: Option<Tensor>,
-    },
-    /// Weights repacked for the AVX-512 kernels (`packed.rs`): every precision on CPUs that
-    /// have them.
-    Packed(PackedLinear),
-    /// 8-bit block-quantized weights (ggml Q8_0), f32 activations.
-    Quantized {
-        weight: QMatMul,
-        bias: Option<Tensor>,
-        bytes: usize,
-    },
+/// How the model's weights are read: from where, in which precision, onto which device.
+struct Loader<'a> {
+    source: &'a WeightSource,
+    precision: Precision,
+    /// The activation dtype.
+    act: DType,
+    device: &'a Device,
 }
 
-impl Linear {
-    fn new(
-        weight: Tensor,
-        bias: Option<Tensor>,
-        precision: Precision,
-        act: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let bias = bias
-            .map(|b| b.to_dtype(act).and_then(|b| b.to_device(device)))
-            .transpose()?;
-        let in_dim = weight.dim(1)?;
-        if device.is_cpu() && packed::available() {
-            if let Some(kind) = PackedKind::choose(precision, act, in_dim) {
-                return Ok(Self::Packed(PackedLinear::new(
-                    &weight,
-                    bias.as_ref(),
-                    kind,
-                )?));
-            }
-        }
-        if precision == Precision::Q8_0 && in_dim % GgmlDType::Q8_0.block_size() == 0 {
-            let q = QTensor::quantize_onto(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0, device)?;
-            let bytes = q.storage_size_in_bytes();
-            return Ok(Self::Quantized {
-                weight: QMatMul::from_qtensor(q)?,
-                bias,
-                bytes,
-            });
-        }
-        let weight = weight.to_dtype(act)?.to_device(device)?;
-        if act == DType::BF16 && device.is_cpu() {
-            return Ok(Self::Streaming { weight, bias });
-        }
-        // Layouts measured (examples/layout_ab.rs, examples/invariance.rs): f16 is 2-3x faster
-        // with a contiguous (in, out) weight; f32 is 2-3x faster strided, and strided is
-        // batch-invariant only when the output has at least 256 columns, so smaller f32
-        // matrices (where speed does not matter) stay contiguous.
-        let out_dim = weight.dim(0)?;
-        let transposed =
-            device.is_cpu() && (act == DType::F16 || (act == DType::F32 && out_dim < 256));
-        let weight = if transposed {
-            weight.t()?.contiguous()?
+impl Loader<'_> {
+    /// A tensor kept as it is used (LayerNorm parameters): in the activation dtype.
+    fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self
+            .source
+            .get(name, shape)?
+            .to_dtype(self.act)?
+            .to_device(self.device)?)
+    }
+
+    /// `{prefix}.weight` (`(out, in)`) and, with `bias`, `{prefix}.bias`.
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.source.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.source.get(&format!("{prefix}.bias"), &[out])?)
         } else {
-            weight
+            None
         };
-        Ok(Self::Gemm {
-            weight,
-            bias,
-            transposed,
-        })
+        self.linear_from(w, b)
     }
 
-    /// Bytes of weights one forward reads.
-    fn weight_bytes(&self) -> usize {
-        match self {
-            Self::Gemm { weight, .. } | Self::Streaming { weight, .. } => {
-                weight.elem_count() * weight.dtype().size_in_bytes()
-            }
-            Self::Packed(p) => p.weight_bytes(),
-            Self::Quantized { bytes, .. } => *bytes,
-        }
-    }
-
-    /// This layer followed by GPT-J's `gelu_new` (fused into the packed kernels).
-    fn with_gelu(self) -> Self {
-        match self {
-            Self::Packed(p) => Self::Packed(p.with_gelu()),
-            other => other,
-        }
-    }
-
-    /// `gelu_new(forward(x))`, fused where `with_gelu` could fuse it.
-    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Packed(p) if p.has_gelu() => p.forward(x),
-            _ => Ok(self.forward(x)?.gelu()?),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, bias) = match self {
-            Self::Gemm {
-                weight,
-                bias,
-                transposed,
-            } => {
-                // One row would take candle's gemv path, whose rounding differs from the
-                // gemm's: run it as two rows so a row's result never depends on the batch.
-                let one_row = x.device().is_cpu() && x.dim(0)? == 1;
-                let xs = if one_row {
-                    Tensor::cat(&[x, x], 0)?
-                } else {
-                    x.clone()
-                };
-                let y = if *transposed {
-                    xs.matmul(weight)?
-                } else {
-                    xs.matmul(&weight.t()?)?
-                };
-                (if one_row { y.narrow(0, 0, 1)? } else { y }, bias)
-            }
-            Self::Streaming { weight, bias } => (gemv::streaming_matmul(x, weight)?, bias),
-            // The bias is added inside the kernel (and GELU, for a layer built `with_gelu`).
-            Self::Packed(p) => return p.forward(x),
-            Self::Quantized { weight, bias, .. } => (weight.forward(x)?, bias),
-        };
-        Ok(match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+    fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Linear::new(weight, bias, self.precision, self.act, self.device)
     }
 }
 
@@ -175,6 +69,15 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
+    fn new(cfg: &GptjConfig, vb: &Loader<'_>, prefix: &str) -> Result<Self> {
+        let e = cfg.n_embd;
+        Ok(Self {
+            weight: vb.dense(&format!("{prefix}.weight"), &[e])?,
+            bias: vb.dense(&format!("{prefix}.bias"), &[e])?,
+            eps: cfg.layer_norm_epsilon as f32,
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(
             x,
@@ -185,14 +88,198 @@ impl LayerNorm {
     }
 }
 
+/// `cos`/`sin` of every position, `(n_positions, rotary_dim / 2)`, built once at load.
 #[derive(Debug)]
-struct Block {
-    ln_1: LayerNorm,
+struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: usize,
+}
+
+/// The rotary tables gathered for one step's tokens: `(tokens, 1, rotary_dim / 2)`, the
+/// per-batch form of `rope_i` with one "batch" per token.
+struct StepRotary {
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: usize,
+}
+
+impl RotaryEmbedding {
+    /// HF's `create_sinusoidal_positions`: angle = pos / 10000^(2i / rotary_dim).
+    fn new(cfg: &GptjConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let (n_positions, rotary_dim) = (cfg.n_positions, cfg.rotary_dim);
+        let half = rotary_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / rotary_dim as f32))
+            .collect();
+        let mut angles = Vec::with_capacity(n_positions * half);
+        for pos in 0..n_positions {
+            angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (n_positions, half), device)?;
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+            rotary_dim,
+        })
+    }
+
+    /// The tables at each token's own position.
+    fn at(&self, positions: &Tensor) -> Result<StepRotary> {
+        let n = positions.dim(0)?;
+        let half = self.rotary_dim / 2;
+        Ok(StepRotary {
+            cos: self.cos.index_select(positions, 0)?.reshape((n, 1, half))?,
+            sin: self.sin.index_select(positions, 0)?.reshape((n, 1, half))?,
+            rotary_dim: self.rotary_dim,
+        })
+    }
+}
+
+impl StepRotary {
+    /// Rotates the first `rotary_dim` dims of every head of `x`, `(tokens, heads, head_dim)`;
+    /// the rest pass through.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, heads, head_dim) = x.dims3()?;
+        // rope_i wants (b, h, t, d): b = tokens, t = 1.
+        let x4 = x.reshape((n, heads, 1, head_dim))?;
+        let rot = self.rotary_dim;
+        if rot == head_dim {
+            let y = candle_nn::rotary_emb::rope_i(&x4, &self.cos, &self.sin)?;
+            return Ok(y.reshape((n, heads, head_dim))?);
+        }
+        let rotated = candle_nn::rotary_emb::rope_i(
+            &x4.narrow(D::Minus1, 0, rot)?.contiguous()?,
+            &self.cos,
+            &self.sin,
+        )?;
+        let pass = x4.narrow(D::Minus1, rot, head_dim - rot)?;
+        Ok(Tensor::cat(&[rotated, pass], D::Minus1)?.reshape((n, heads, head_dim))?)
+    }
+}
+
+/// Causal self-attention over the paged cache: `out_proj(softmax(q k^T / sqrt(head_dim)) v)`,
+/// with rotary q and k, each token attending to positions `0..=its own` of its sequence.
+#[derive(Debug)]
+struct Attention {
     /// q, k and v projections stacked into one `(3 n_embd, n_embd)` weight: one matmul.
     qkv: Linear,
     out_proj: Linear,
+    n_head: usize,
+    head_dim: usize,
+    /// The KV cache's dtype: keys and values are converted on the way in, queries and the
+    /// output on the way through, when it differs from the activations'.
+    kv_dtype: DType,
+    span: tracing::Span,
+}
+
+impl Attention {
+    fn new(cfg: &GptjConfig, vb: &Loader<'_>, prefix: &str, kv_dtype: DType) -> Result<Self> {
+        let e = cfg.n_embd;
+        let qkv = ["q_proj", "k_proj", "v_proj"]
+            .iter()
+            .map(|n| {
+                let t = vb.source.get(&format!("{prefix}.{n}.weight"), &[e, e])?;
+                Ok(t.to_dtype(DType::F32)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            qkv: vb.linear_from(Tensor::cat(&qkv, 0)?, None)?,
+            out_proj: vb.linear(&format!("{prefix}.out_proj"), e, e, false)?,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            kv_dtype,
+            span: tracing::trace_span!("attn"),
+        })
+    }
+
+    fn forward(
+        &self,
+        h: &Tensor,
+        rotary: &StepRotary,
+        cache: &Tensor,
+        step: &StepLayout,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (n, e) = h.dims2()?;
+        let heads = |t: Tensor| t.contiguous()?.reshape((n, self.n_head, self.head_dim));
+        let qkv = self.qkv.forward(h, Activation::Identity)?;
+        let q = rotary.apply(&heads(qkv.narrow(1, 0, e)?)?)?;
+        let k = rotary.apply(&heads(qkv.narrow(1, e, e)?)?)?;
+        let v = heads(qkv.narrow(1, 2 * e, e)?)?;
+        write_kv(
+            cache,
+            &k.to_dtype(self.kv_dtype)?,
+            &v.to_dtype(self.kv_dtype)?,
+            step,
+        )?;
+        let scale = (self.head_dim as f32).powf(-0.5);
+        let attn = paged_attention(&q.to_dtype(self.kv_dtype)?, cache, step, scale)?
+            .to_dtype(h.dtype())?
+            .reshape((n, e))?;
+        self.out_proj.forward(&attn, Activation::Identity)
+    }
+}
+
+/// The feed-forward branch: `fc_out(gelu_new(fc_in(h)))`.
+#[derive(Debug)]
+struct Mlp {
     fc_in: Linear,
     fc_out: Linear,
+    span: tracing::Span,
+}
+
+impl Mlp {
+    fn new(cfg: &GptjConfig, vb: &Loader<'_>, prefix: &str) -> Result<Self> {
+        let (e, i) = (cfg.n_embd, cfg.inner_dim());
+        Ok(Self {
+            fc_in: vb.linear(&format!("{prefix}.fc_in"), i, e, true)?,
+            fc_out: vb.linear(&format!("{prefix}.fc_out"), e, i, true)?,
+            span: tracing::trace_span!("mlp"),
+        })
+    }
+
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let inner = self.fc_in.forward(h, Activation::GeluNew)?;
+        self.fc_out.forward(&inner, Activation::Identity)
+    }
+}
+
+/// One transformer block with GPT-J's parallel residual.
+#[derive(Debug)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    mlp: Mlp,
+    span: tracing::Span,
+}
+
+impl Block {
+    fn new(cfg: &GptjConfig, vb: &Loader<'_>, layer: usize, kv_dtype: DType) -> Result<Self> {
+        let p = format!("transformer.h.{layer}");
+        Ok(Self {
+            ln_1: LayerNorm::new(cfg, vb, &format!("{p}.ln_1"))?,
+            attn: Attention::new(cfg, vb, &format!("{p}.attn"), kv_dtype)?,
+            mlp: Mlp::new(cfg, vb, &format!("{p}.mlp"))?,
+            span: tracing::trace_span!("block", layer),
+        })
+    }
+
+    /// `x + attn(ln_1(x)) + mlp(ln_1(x))`, writing this layer's new keys and values to `cache`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &StepRotary,
+        cache: &Tensor,
+        step: &StepLayout,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let h = self.ln_1.forward(x)?;
+        let a = self.attn.forward(&h, rotary, cache, step)?;
+        let m = self.mlp.forward(&h)?;
+        Ok(((x + a)? + m)?)
+    }
 }
 
 /// GPT-J weights on a device, ready to run.
@@ -203,12 +290,8 @@ pub struct GptjModel {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
-    /// `cos`/`sin` of every position, `(n_positions, rotary_dim / 2)`, in the activation dtype.
-    cos: Tensor,
-    sin: Tensor,
+    rotary: RotaryEmbedding,
     act_dtype: DType,
-    /// The KV cache's dtype: keys and values are converted on the way in, queries and the
-    /// attention output on the way through, when it differs from `act_dtype`.
     kv_dtype: DType,
     device: Device,
 }
@@ -224,45 +307,15 @@ impl GptjModel {
     ) -> Result<Self> {
         let act = precision.activation_dtype(source.native_dtype()?);
         let kv_dtype = kv_cache.resolve(precision, act);
-        let (e, i, v) = (config.n_embd, config.inner_dim(), config.vocab_size);
-        let dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            Ok(source.get(name, shape)?.to_dtype(act)?.to_device(device)?)
+        let vb = Loader {
+            source,
+            precision,
+            act,
+            device,
         };
-        let ln = |prefix: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm {
-                weight: dense(&format!("{prefix}.weight"), &[e])?,
-                bias: dense(&format!("{prefix}.bias"), &[e])?,
-                eps: config.layer_norm_epsilon as f32,
-            })
-        };
-        let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = source.get(&format!("{prefix}.weight"), &[out, inp])?;
-            let b = if bias {
-                Some(source.get(&format!("{prefix}.bias"), &[out])?)
-            } else {
-                None
-            };
-            Linear::new(w, b, precision, act, device)
-        };
-        let mut blocks = Vec::with_capacity(config.n_layer);
-        for l in 0..config.n_layer {
-            let p = format!("transformer.h.{l}");
-            let qkv = ["q_proj", "k_proj", "v_proj"]
-                .iter()
-                .map(|n| {
-                    source
-                        .get(&format!("{p}.attn.{n}.weight"), &[e, e])
-                        .and_then(|t| Ok(t.to_dtype(DType::F32)?))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            blocks.push(Block {
-                ln_1: ln(&format!("{p}.ln_1"))?,
-                qkv: Linear::new(Tensor::cat(&qkv, 0)?, None, precision, act, device)?,
-                out_proj: linear(&format!("{p}.attn.out_proj"), e, e, false)?,
-                fc_in: linear(&format!("{p}.mlp.fc_in"), i, e, true)?.with_gelu(),
-                fc_out: linear(&format!("{p}.mlp.fc_out"), e, i, true)?,
-            });
-        }
+        let blocks = (0..config.n_layer)
+            .map(|l| Block::new(config, &vb, l, kv_dtype))
+            .collect::<Result<Vec<_>>>()?;
         // The embedding is a lookup, not a matmul: in q8_0 keep it in f16 to halve its memory.
         let wte_dtype = if precision == Precision::Q8_0 {
             DType::F16
@@ -270,18 +323,20 @@ impl GptjModel {
             act
         };
         let wte = source
-            .get("transformer.wte.weight", &[v, e])?
+            .get(
+                "transformer.wte.weight",
+                &[config.vocab_size, config.n_embd],
+            )?
             .to_dtype(wte_dtype)?
             .to_device(device)?;
-        let (cos, sin) = rotary_tables(config.n_positions, config.rotary_dim, act, device)?;
+        let (e, v) = (config.n_embd, config.vocab_size);
         Ok(Self {
             config: config.clone(),
             wte,
             blocks,
-            ln_f: ln("transformer.ln_f")?,
-            lm_head: linear("lm_head", v, e, true)?,
-            cos,
-            sin,
+            ln_f: LayerNorm::new(config, &vb, "transformer.ln_f")?,
+            lm_head: vb.linear("lm_head", v, e, true)?,
+            rotary: RotaryEmbedding::new(config, act, device)?,
             act_dtype: act,
             kv_dtype,
             device: device.clone(),
@@ -300,10 +355,10 @@ impl GptjModel {
             .blocks
             .iter()
             .map(|b| {
-                b.qkv.weight_bytes()
-                    + b.out_proj.weight_bytes()
-                    + b.fc_in.weight_bytes()
-                    + b.fc_out.weight_bytes()
+                b.attn.qkv.weight_bytes()
+                    + b.attn.out_proj.weight_bytes()
+                    + b.mlp.fc_in.weight_bytes()
+                    + b.mlp.fc_out.weight_bytes()
             })
             .sum();
         blocks + self.lm_head.weight_bytes()
@@ -325,100 +380,29 @@ impl GptjModel {
     pub(crate) fn forward(
         &self,
         token_ids: &[u32],
-        step: &Arc<StepLayout>,
+        step: &StepLayout,
         logit_rows: &[u32],
         kv: &KvPool,
     ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let (n, heads, head_dim, rot) =
-            (token_ids.len(), cfg.n_head, cfg.head_dim(), cfg.rotary_dim);
-        if let Some(&bad) = token_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = token_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::InvalidInput(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                cfg.vocab_size
+                "token id {bad} is outside the model's vocabulary of {vocab}"
             )));
         }
+        let n = token_ids.len();
         let ids = Tensor::from_slice(token_ids, n, &self.device)?;
         let positions = Tensor::from_slice(step.positions(), n, &self.device)?;
-        // Per-token rotary tables, shaped for rope_i's per-batch form: (tokens, 1, rot / 2).
-        let cos = self
-            .cos
-            .index_select(&positions, 0)?
-            .reshape((n, 1, rot / 2))?;
-        let sin = self
-            .sin
-            .index_select(&positions, 0)?
-            .reshape((n, 1, rot / 2))?;
-        let rotate = |x: Tensor| -> Result<Tensor> {
-            // x: (tokens, heads, head_dim). rope_i wants (b, h, t, d): use b = tokens, t = 1.
-            let x4 = x.reshape((n, heads, 1, head_dim))?;
-            if rot == head_dim {
-                return Ok(candle_nn::rotary_emb::rope_i(&x4, &cos, &sin)?
-                    .reshape((n, heads, head_dim))?);
-            }
-            let rotated = candle_nn::rotary_emb::rope_i(
-                &x4.narrow(D::Minus1, 0, rot)?.contiguous()?,
-                &cos,
-                &sin,
-            )?;
-            let pass = x4.narrow(D::Minus1, rot, head_dim - rot)?;
-            Ok(Tensor::cat(&[rotated, pass], D::Minus1)?.reshape((n, heads, head_dim))?)
-        };
-        let scale = (head_dim as f32).powf(-0.5);
-        let e = cfg.n_embd;
+        let rotary = self.rotary.at(&positions)?;
         let mut x = self.wte.index_select(&ids, 0)?.to_dtype(self.act_dtype)?;
         for (l, block) in self.blocks.iter().enumerate() {
-            let h = block.ln_1.forward(&x)?;
-            let qkv = block.qkv.forward(&h)?;
-            let q = rotate(
-                qkv.narrow(1, 0, e)?
-                    .contiguous()?
-                    .reshape((n, heads, head_dim))?,
-            )?;
-            let k = rotate(
-                qkv.narrow(1, e, e)?
-                    .contiguous()?
-                    .reshape((n, heads, head_dim))?,
-            )?;
-            let v = qkv
-                .narrow(1, 2 * e, e)?
-                .contiguous()?
-                .reshape((n, heads, head_dim))?;
-            let cache = kv.layer(l);
-            let kv_dtype = self.kv_dtype;
-            write_kv(cache, &k.to_dtype(kv_dtype)?, &v.to_dtype(kv_dtype)?, step)?;
-            let attn = paged_attention(&q.to_dtype(kv_dtype)?, cache, step, scale)?
-                .to_dtype(self.act_dtype)?
-                .reshape((n, e))?;
-            let a = block.out_proj.forward(&attn)?;
-            let m = block.fc_out.forward(&block.fc_in.forward_gelu(&h)?)?;
-            x = ((x + a)? + m)?;
+            x = block.forward(&x, &rotary, kv.layer(l), step)?;
         }
         let rows = Tensor::from_slice(logit_rows, logit_rows.len(), &self.device)?;
         let last = x.index_select(&rows, 0)?;
-        let logits = self.lm_head.forward(&self.ln_f.forward(&last)?)?;
+        let logits = self
+            .lm_head
+            .forward(&self.ln_f.forward(&last)?, Activation::Identity)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
-}
-
-/// HF's `create_sinusoidal_positions`: angle = pos / 10000^(2i / rotary_dim).
-fn rotary_tables(
-    n_positions: usize,
-    rotary_dim: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = rotary_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / rotary_dim as f32))
-        .collect();
-    let mut angles = Vec::with_capacity(n_positions * half);
-    for pos in 0..n_positions {
-        angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
-    }
-    let angles = Tensor::from_vec(angles, (n_positions, half), device)?;
-    Ok((
-        angles.cos()?.to_dtype(dtype)?,
-        angles.sin()?.to_dtype(dtype)?,
-    ))
 }

@@ -10,8 +10,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{vector, Elem};
 use crate::error::Result;
-use crate::simd::{self, Elem};
 
 /// `x @ w^T` for `x` `(m, k)` and `w` stored `(n, k)` (the checkpoint's `(out, in)` layout).
 pub(crate) fn streaming_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -49,7 +49,7 @@ fn rowdot<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> Vec<f32>
                     let wf = T::as_f32(seg, &mut buf);
                     for (r, s) in sums.iter_mut().enumerate() {
                         let xs = &x[r * k + c * CHUNK..r * k + c * CHUNK + seg.len()];
-                        *s += simd::dot(xs, wf);
+                        *s += vector::dot(xs, wf);
                     }
                 }
                 for (r, s) in sums.iter().enumerate() {
@@ -140,6 +140,29 @@ impl CustomOp2 for StreamingMatmul {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+    use half::bf16;
+
+    /// The slice-level product against plain dot products, across a widening chunk boundary
+    /// and in bf16. Plain Rust over slices (Miri).
+    #[test]
+    fn rowdot_matches_plain_dot_products() {
+        let (m, k, n) = (2, CHUNK + 44, 3);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) / 8.0).collect();
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(((i % 7) as f32 - 3.0) / 4.0))
+            .collect();
+        let out = rowdot(&x, m, k, &w, n);
+        for r in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|i| x[r * k + i] * w[j * k + i].to_f32()).sum();
+                let got = out[r * n + j];
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{r},{j}: {got} vs {want}"
+                );
+            }
+        }
+    }
 
     fn max_abs(t: &Tensor) -> f32 {
         t.abs()

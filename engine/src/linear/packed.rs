@@ -20,54 +20,25 @@
 //! its row falls into, so a row's result is bitwise the same alone or in any batch. Threads
 //! split the column groups, so at batch 1 each streams its own half of the weight.
 //!
-//! Used only where the CPU has AVX-512 (F, BW, VL, VNNI) and F16C; elsewhere `model.rs`
-//! keeps candle's kernels. `GPTJ_CPU_KERNELS=candle` forces those too, for A/B comparisons.
-
-use std::sync::LazyLock;
+//! Used only where the CPU has AVX-512 (F, BW, VL, VNNI), F16C and FMA: a [`PackedLinear`]
+//! cannot be built without the [`Avx512`] token that proves it, and it keeps the token for
+//! every product it runs. Elsewhere `Linear` keeps candle's kernels; `GPTJ_CPU_KERNELS=candle`
+//! forces those too, for A/B comparisons.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-#[cfg(target_arch = "x86_64")]
-use crate::avx512;
+use super::activation::Activation;
+use super::avx512::{self, QBLOCK};
+use crate::cpu::{Avx512, Elem, SharedOut, LANES};
 use crate::error::Result;
 use crate::precision::Precision;
-use crate::simd::{Elem, SharedOut};
-
-/// Output columns per panel: one 512-bit register of f32.
-pub(crate) const LANES: usize = 16;
-/// q8_0 block length (ggml's).
-pub(crate) const QBLOCK: usize = 32;
 /// Input positions handled per pass over a tile of outputs, so that the weight panel slice
 /// and the input rows it meets stay in L2 for large inputs. A multiple of `QBLOCK`. (64 to
 /// 1024 measured within noise of each other on `examples/packed_ab.rs`.)
 const KC: usize = 1024;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
-
-/// Whether the packed kernels can run here (checked once).
-pub(crate) fn available() -> bool {
-    static OK: LazyLock<bool> = LazyLock::new(|| {
-        let forced_off = std::env::var("GPTJ_CPU_KERNELS").is_ok_and(|v| v == "candle");
-        !forced_off && cpu_supports()
-    });
-    *OK
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_supports() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("f16c")
-        && is_x86_feature_detected!("fma")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_supports() -> bool {
-    false
-}
 
 /// The repacked weight.
 enum Panels {
@@ -90,8 +61,8 @@ pub(crate) struct PackedLinear {
     panels: Panels,
     /// Padded to `groups * LANES`.
     bias: Option<Vec<f32>>,
-    /// Apply GPT-J's `gelu_new` to the outputs (fc_in), while they are still in cache.
-    gelu: bool,
+    /// The proof that the kernels can run here, for every product.
+    cpu: Avx512,
 }
 
 impl std::fmt::Debug for PackedLinear {
@@ -131,8 +102,19 @@ impl PackedKind {
 impl PackedLinear {
     /// Packs `weight` (`(out, in)`, any float dtype, on the CPU) as `kind`. q8_0 needs `in` to
     /// be a multiple of 32.
-    pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>, kind: PackedKind) -> Result<Self> {
+    pub(crate) fn new(
+        cpu: Avx512,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        kind: PackedKind,
+    ) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
+        if out_dim == 0 || in_dim == 0 {
+            // `run` relies on at least one pass over the inputs writing every output.
+            return Err(crate::EngineError::InvalidInput(format!(
+                "a packed linear layer needs a non-empty weight, got {out_dim}x{in_dim}"
+            )));
+        }
         let groups = out_dim.div_ceil(LANES);
         let w: Vec<f32> = weight
             .to_dtype(DType::F32)?
@@ -165,18 +147,8 @@ impl PackedLinear {
             groups,
             panels,
             bias,
-            gelu: false,
+            cpu,
         })
-    }
-
-    /// This layer with `gelu_new` applied to its outputs.
-    pub(crate) fn with_gelu(self) -> Self {
-        Self { gelu: true, ..self }
-    }
-
-    /// Whether `forward` applies `gelu_new` to its outputs.
-    pub(crate) fn has_gelu(&self) -> bool {
-        self.gelu
     }
 
     fn dtype_name(&self) -> &'static str {
@@ -198,26 +170,29 @@ impl PackedLinear {
         }
     }
 
-    /// `x W^T + b` for `x` `(rows, in)`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.apply_op1_no_bwd(self)?)
+    /// `act(x W^T + b)` for `x` `(rows, in)`, the activation applied in the kernel while the
+    /// outputs are still in cache.
+    pub(crate) fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        Ok(x.apply_op1_no_bwd(&PackedProduct { lin: self, act })?)
     }
 
     /// The product on f32 rows: `x` is `rows * in_dim`, the result `rows * out_dim`.
-    fn run(&self, x: &[f32], rows: usize) -> Vec<f32> {
+    fn run(&self, x: &[f32], rows: usize, act: Activation) -> Vec<f32> {
+        assert_eq!(x.len(), rows * self.in_dim, "packed linear: input size");
         let stride = self.groups * LANES;
         // Every element is written by the first pass over the inputs before anything reads it,
         // so the buffer is not zeroed first; its length is set once the kernels are done.
         let mut out: Vec<f32> = Vec::with_capacity(rows * stride);
         let input = match &self.panels {
-            Panels::Q8 { .. } => Input::Q8(QuantizedRows::new(x, rows, self.in_dim)),
+            Panels::Q8 { .. } => Input::Q8(QuantizedRows::new(self.cpu, x, rows, self.in_dim)),
             _ => Input::F32(x),
         };
         let job = Job {
             lin: self,
             input: &input,
             rows,
-            out: SharedOut::new(out.as_mut_ptr()),
+            act,
+            out: SharedOut::uninit(&mut out.spare_capacity_mut()[..rows * stride]),
             stride,
         };
         // candle's own pool (the calling thread plus spinning workers) rather than rayon's: the
@@ -228,7 +203,8 @@ impl PackedLinear {
         let pool = candle_core::utils::barrier_pool();
         let parts = pool.n_workers() + 1;
         if parts <= 1 || rows * self.in_dim * self.out_dim < PARALLEL_MIN_MACS {
-            job.columns(0, self.groups);
+            // SAFETY: one call, on this thread alone.
+            unsafe { job.columns(0, self.groups) };
         } else {
             let tile = match self.panels {
                 Panels::Q8 { .. } => QC,
@@ -237,10 +213,14 @@ impl PackedLinear {
             let chunk = self.groups.div_ceil(parts * 8).next_multiple_of(tile);
             pool.execute_chunked(self.groups.div_ceil(chunk), |range| {
                 let g0 = range.start * chunk;
-                job.columns(g0, (range.end * chunk).min(self.groups));
+                // SAFETY: the pool hands each index of `0..n_items` to exactly one call (a
+                // shared cursor), so the group ranges of concurrent calls are disjoint.
+                unsafe { job.columns(g0, (range.end * chunk).min(self.groups)) };
             });
         }
-        // Safety: `columns` wrote all `rows * stride` elements.
+        // SAFETY: `columns` ran over every group `0..groups` (in one call or in the pool's
+        // chunks, which cover `0..groups`), and its first pass over the inputs wrote every
+        // element of rows `0..rows`, groups `g..g + c` of `out`: all `rows * stride` elements.
         unsafe { out.set_len(rows * stride) };
         if stride != self.out_dim {
             for r in 0..rows {
@@ -254,10 +234,10 @@ impl PackedLinear {
 
 impl PackedLinear {
     /// `run` for f16/bf16 activations: widened to f32 on the way in, narrowed on the way out.
-    fn run_narrow<T: Elem>(&self, x: &[T], rows: usize) -> Vec<T> {
+    fn run_narrow<T: Elem>(&self, x: &[T], rows: usize, act: Activation) -> Vec<T> {
         let mut xf = vec![0f32; x.len()];
         let xf = T::as_f32(x, &mut xf);
-        self.run(xf, rows).into_iter().map(T::narrow).collect()
+        self.run(xf, rows, act).into_iter().map(T::narrow).collect()
     }
 }
 
@@ -321,18 +301,14 @@ struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    fn new(x: &[f32], rows: usize, in_dim: usize) -> Self {
+    fn new(cpu: Avx512, x: &[f32], rows: usize, in_dim: usize) -> Self {
         let blocks = in_dim / QBLOCK;
         let mut q = Self {
             quants: vec![0i8; rows * in_dim],
             scales: vec![0f32; rows * blocks],
             offsets: vec![0i32; rows * blocks],
         };
-        // Safety: only built where `available()` holds; the buffers are sized above.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            avx512::quantize_blocks(x, &mut q.quants, &mut q.scales, &mut q.offsets)
-        };
+        avx512::quantize_blocks(cpu, x, &mut q.quants, &mut q.scales, &mut q.offsets);
         q
     }
 }
@@ -347,8 +323,10 @@ struct Job<'a> {
     lin: &'a PackedLinear,
     input: &'a Input<'a>,
     rows: usize,
-    /// Threads write disjoint column groups of it (see `columns`).
-    out: SharedOut<f32>,
+    act: Activation,
+    /// `rows * stride` outputs, not yet initialised; threads write disjoint column groups of
+    /// it (see `columns`).
+    out: SharedOut<'a, f32>,
     /// Row stride of `out`: `groups * LANES`.
     stride: usize,
 }
@@ -362,8 +340,16 @@ const QR: usize = 4;
 const QC: usize = 3;
 
 impl Job<'_> {
-    /// Computes column groups `g0..g1` for every row.
-    fn columns(&self, g0: usize, g1: usize) {
+    /// Computes column groups `g0..g1` for every row, then applies the activation to them.
+    ///
+    /// # Safety
+    /// No other thread runs `columns` on a range overlapping `g0..g1` of this job at the same
+    /// time (the parts of `out` are disjoint only between disjoint group ranges).
+    unsafe fn columns(&self, g0: usize, g1: usize) {
+        assert!(
+            g0 <= g1 && g1 <= self.lin.groups,
+            "column groups {g0}..{g1}"
+        );
         let k = self.lin.in_dim;
         let (tile_c, tile_r) = match self.lin.panels {
             Panels::Q8 { .. } => (QC, QR),
@@ -378,32 +364,35 @@ impl Job<'_> {
                 let mut r = 0;
                 while r < self.rows {
                     let nr = tile_r.min(self.rows - r);
-                    // Safety: `available()` was true when this layer was built (the only way to
-                    // build one), tiles stay inside `x`, the panels and `out`.
+                    // SAFETY: groups `g..g + c` lie in this call's `g0..g1`, which no other
+                    // thread works on (the caller's promise).
                     unsafe { self.tile(r, nr, g, c, k0, k1) };
                     r += nr;
                 }
                 k0 = k1;
             }
-            #[cfg(target_arch = "x86_64")]
-            if self.lin.gelu {
+            if self.act == Activation::GeluNew {
                 for r in 0..self.rows {
-                    // Safety: row `r`, groups `g..g + c` are this thread's part of `out`.
-                    unsafe {
-                        let p = self.out.at(r * self.stride + g * LANES);
-                        avx512::gelu_new(std::slice::from_raw_parts_mut(p, c * LANES));
-                    }
+                    let start = r * self.stride + g * LANES;
+                    // SAFETY: row `r`, groups `g..g + c` are this call's own part of `out`
+                    // (see above), and the first pass over the inputs just wrote all of it.
+                    let part = unsafe { self.out.slice(start..start + c * LANES) };
+                    avx512::gelu_new(self.lin.cpu, part);
                 }
             }
             g += c;
         }
     }
 
-    /// Dispatches a tile to the kernel instantiated for its shape.
+    /// Runs the kernel instantiated for a tile of `nr` rows from `r`, `nc` column groups from
+    /// `g`, over inputs `k0..k1` (a multiple of `QBLOCK` apart for q8_0).
+    ///
+    /// The pointers it hands the kernel come from `view` and `q8_view`, which take them from
+    /// slices indexed over the whole tile, so an out-of-range tile panics there rather than
+    /// reaching the kernel; and the CPU's features are proven by the layer's [`Avx512`] token.
     ///
     /// # Safety
-    /// The CPU has the features in `cpu_supports`; `r + nr <= rows`, `g + nc <= groups`.
-    #[cfg(target_arch = "x86_64")]
+    /// No other thread reads or writes rows `r..r + nr`, groups `g..g + nc` of `out` meanwhile.
     unsafe fn tile(&self, r: usize, nr: usize, g: usize, nc: usize, k0: usize, k1: usize) {
         /// `$call!(R, C)` for the tile's `nr` x `nc`, from the listed shapes.
         macro_rules! by_shape {
@@ -422,10 +411,13 @@ impl Job<'_> {
         }
         macro_rules! float {
             ($p:expr) => {{
-                let view = self.view($p, r, g, k0, k1);
+                let view = self.view($p, r, nr, g, nc, k0, k1);
                 macro_rules! call {
                     ($rr:literal, $cc:literal) => {
-                        avx512::float_tile::<$rr, $cc, _>(view)
+                        // SAFETY: the view covers an `nr` x `nc` tile (checked where it is
+                        // made), `self.lin.cpu` proves the features, and the output part is
+                        // this thread's alone (the caller's promise).
+                        unsafe { avx512::float_tile::<$rr, $cc, _>(view) }
                     };
                 }
                 by_shape!(call; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
@@ -433,7 +425,8 @@ impl Job<'_> {
         }
         macro_rules! q8 {
             ($rr:literal, $cc:literal) => {
-                avx512::q8_tile::<$rr, $cc>(self.q8_view(r, g, k0, k1))
+                // SAFETY: as for `float_tile` above.
+                unsafe { avx512::q8_tile::<$rr, $cc>(self.q8_view(r, nr, g, nc, k0, k1)) }
             };
         }
         match &self.lin.panels {
@@ -444,18 +437,23 @@ impl Job<'_> {
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn tile(&self, _: usize, _: usize, _: usize, _: usize, _: usize, _: usize) {
-        unreachable!("packed kernels are built only where cpu_supports() is true")
+    /// The part of `out` a tile writes: rows `r..r + nr`, groups `g..g + nc` (and what lies
+    /// between its rows); panics outside `out`.
+    fn out_ptr(&self, r: usize, nr: usize, g: usize, nc: usize) -> *mut f32 {
+        let start = r * self.stride + g * LANES;
+        let end = (r + nr - 1) * self.stride + (g + nc) * LANES;
+        self.out.ptr(start..end)
     }
 
-    /// Pointers for a float tile: rows from `r`, groups from `g`, inputs `k0..k1`.
-    #[cfg(target_arch = "x86_64")]
+    /// Pointers for a float tile, each taken from a slice that covers the whole tile.
+    #[allow(clippy::too_many_arguments)]
     fn view<T>(
         &self,
         panels: &[T],
         r: usize,
+        nr: usize,
         g: usize,
+        nc: usize,
         k0: usize,
         k1: usize,
     ) -> avx512::FloatTile<T> {
@@ -464,56 +462,69 @@ impl Job<'_> {
         };
         let k = self.lin.in_dim;
         avx512::FloatTile {
-            x: x[r * k + k0..].as_ptr(),
+            x: x[r * k + k0..(r + nr - 1) * k + k1].as_ptr(),
             x_stride: k,
-            w: panels[(g * k + k0) * LANES..].as_ptr(),
+            w: panels[(g * k + k0) * LANES..((g + nc - 1) * k + k1) * LANES].as_ptr(),
             w_stride: k * LANES,
             len: k1 - k0,
-            // Safety (of the offset): `r < rows` and `g < groups`, inside the buffer.
-            out: unsafe { self.out.at(r * self.stride + g * LANES) },
+            out: self.out_ptr(r, nr, g, nc),
             out_stride: self.stride,
-            bias: self.start(g, k0),
+            bias: self.start(g, nc, k0),
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    fn q8_view(&self, r: usize, g: usize, k0: usize, k1: usize) -> avx512::Q8Tile {
+    /// Pointers for a q8_0 tile, each taken from a slice that covers the whole tile.
+    fn q8_view(
+        &self,
+        r: usize,
+        nr: usize,
+        g: usize,
+        nc: usize,
+        k0: usize,
+        k1: usize,
+    ) -> avx512::Q8Tile {
         let (Input::Q8(x), Panels::Q8 { quants, scales }) = (self.input, &self.lin.panels) else {
             unreachable!("q8 panels take quantized input")
         };
         let k = self.lin.in_dim;
         let blocks = k / QBLOCK;
         let (b0, b1) = (k0 / QBLOCK, k1 / QBLOCK);
+        let (last_r, last_g) = (r + nr - 1, g + nc - 1);
         avx512::Q8Tile {
-            xq: x.quants[r * k + k0..].as_ptr(),
-            x_scales: x.scales[r * blocks + b0..].as_ptr(),
-            x_offsets: x.offsets[r * blocks + b0..].as_ptr(),
+            xq: x.quants[r * k + k0..last_r * k + k1].as_ptr(),
+            x_scales: x.scales[r * blocks + b0..last_r * blocks + b1].as_ptr(),
+            x_offsets: x.offsets[r * blocks + b0..last_r * blocks + b1].as_ptr(),
             x_stride: k,
             x_block_stride: blocks,
-            wq: quants[(g * blocks + b0) * QBLOCK * LANES..].as_ptr(),
-            w_scales: scales[(g * blocks + b0) * LANES..].as_ptr(),
+            wq: quants[(g * blocks + b0) * QBLOCK * LANES..(last_g * blocks + b1) * QBLOCK * LANES]
+                .as_ptr(),
+            w_scales: scales[(g * blocks + b0) * LANES..(last_g * blocks + b1) * LANES].as_ptr(),
             w_group_blocks: blocks,
             blocks: b1 - b0,
-            // Safety (of the offset): `r < rows` and `g < groups`, inside the buffer.
-            out: unsafe { self.out.at(r * self.stride + g * LANES) },
+            out: self.out_ptr(r, nr, g, nc),
             out_stride: self.stride,
-            bias: self.start(g, k0),
+            bias: self.start(g, nc, k0),
         }
     }
 
     /// Where the accumulators start: the bias (or zero) on the first pass over the inputs,
     /// the partial sums already in `out` after that.
-    #[cfg(target_arch = "x86_64")]
-    fn start(&self, g: usize, k0: usize) -> avx512::Start {
+    fn start(&self, g: usize, nc: usize, k0: usize) -> avx512::Start {
         match (k0, &self.lin.bias) {
-            (0, Some(b)) => avx512::Start::Bias(b[g * LANES..].as_ptr()),
+            (0, Some(b)) => avx512::Start::Bias(b[g * LANES..(g + nc) * LANES].as_ptr()),
             (0, None) => avx512::Start::Zero,
             _ => avx512::Start::Out,
         }
     }
 }
 
-impl CustomOp1 for PackedLinear {
+/// One call of a [`PackedLinear`] with its activation, as a candle op.
+struct PackedProduct<'a> {
+    lin: &'a PackedLinear,
+    act: Activation,
+}
+
+impl CustomOp1 for PackedProduct<'_> {
     fn name(&self) -> &'static str {
         "gptj-packed-linear"
     }
@@ -523,21 +534,22 @@ impl CustomOp1 for PackedLinear {
             candle_core::bail!("packed linear needs a contiguous input");
         };
         let (rows, k) = l.shape().dims2()?;
-        if k != self.in_dim {
+        let (lin, act) = (self.lin, self.act);
+        if k != lin.in_dim {
             candle_core::bail!(
                 "packed linear: input has {k} columns, the weight {}",
-                self.in_dim
+                lin.in_dim
             );
         }
-        let shape = Shape::from((rows, self.out_dim));
+        let shape = Shape::from((rows, lin.out_dim));
         Ok(match s {
-            CpuStorage::F32(x) => (CpuStorage::F32(self.run(&x[start..end], rows)), shape),
+            CpuStorage::F32(x) => (CpuStorage::F32(lin.run(&x[start..end], rows, act)), shape),
             CpuStorage::F16(x) => (
-                CpuStorage::F16(self.run_narrow(&x[start..end], rows)),
+                CpuStorage::F16(lin.run_narrow(&x[start..end], rows, act)),
                 shape,
             ),
             CpuStorage::BF16(x) => (
-                CpuStorage::BF16(self.run_narrow(&x[start..end], rows)),
+                CpuStorage::BF16(lin.run_narrow(&x[start..end], rows, act)),
                 shape,
             ),
             other => {
@@ -552,6 +564,54 @@ impl CustomOp1 for PackedLinear {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The panels put weight `(n, k)` where the float kernel reads output `n`'s input `k`:
+    /// group `n / 16`, row `k`, lane `n % 16`; padding columns are zero. Plain Rust (Miri).
+    #[test]
+    fn float_panels_hold_each_weight_in_its_lane() {
+        let (out_dim, in_dim) = (20, 3);
+        let w: Vec<f32> = (0..out_dim * in_dim).map(|i| i as f32 + 1.0).collect();
+        let p = pack_float(&w, out_dim, in_dim, |v| v);
+        assert_eq!(p.len(), 2 * in_dim * LANES);
+        for g in 0..2 {
+            for k in 0..in_dim {
+                for lane in 0..LANES {
+                    let n = g * LANES + lane;
+                    let want = if n < out_dim { w[n * in_dim + k] } else { 0.0 };
+                    assert_eq!(p[(g * in_dim + k) * LANES + lane], want, "n {n} k {k}");
+                }
+            }
+        }
+    }
+
+    /// q8_0 panels: quants at `[group][block][quad][lane][4]` offset by 128, one f16 scale per
+    /// (column, block), dequantizing to the weight within half a quantization step; padding
+    /// columns are quant 0 with scale 0. Plain Rust (Miri).
+    #[test]
+    fn q8_panels_dequantize_to_the_weights() {
+        let (out_dim, in_dim) = (18, 2 * QBLOCK);
+        let w: Vec<f32> = (0..out_dim * in_dim)
+            .map(|i| ((i * 7919 % 255) as f32 - 127.0) / 64.0)
+            .collect();
+        let (quants, scales) = pack_q8(&w, out_dim, in_dim);
+        let blocks = in_dim / QBLOCK;
+        for n in 0..2 * LANES {
+            let (g, lane) = (n / LANES, n % LANES);
+            for b in 0..blocks {
+                let d = scales[(g * blocks + b) * LANES + lane].to_f32();
+                for i in 0..QBLOCK {
+                    let at = (g * blocks + b) * QBLOCK * LANES + (i / 4) * LANES * 4 + lane * 4;
+                    let q = quants[at + i % 4] as i32 - 128;
+                    if n >= out_dim {
+                        assert_eq!((q, d), (0, 0.0), "padding column {n}");
+                        continue;
+                    }
+                    let want = w[n * in_dim + b * QBLOCK + i];
+                    assert!((q as f32 * d - want).abs() <= d / 2.0 + 1e-6, "n {n} {i}");
+                }
+            }
+        }
+    }
 
     fn max_abs(v: &[f32]) -> f32 {
         v.iter().fold(0f32, |m, x| m.max(x.abs()))
@@ -577,10 +637,10 @@ mod tests {
 
     #[test]
     fn matches_candle_in_every_kind() {
-        if !available() {
+        let Some(cpu) = Avx512::detect() else {
             eprintln!("skipped: no AVX-512 VNNI on this CPU");
             return;
-        }
+        };
         let dev = Device::Cpu;
         // Odd row counts, a ragged last column group, and inputs longer than one KC pass.
         for (m, k, n, bias) in [
@@ -601,8 +661,9 @@ mod tests {
                 (PackedKind::Bf16, DType::BF16, 2e-2),
                 (PackedKind::Q8_0, DType::F32, 3e-2),
             ] {
-                let lin = PackedLinear::new(&w, b, kind).unwrap();
-                let got = values(&lin.forward(&x.to_dtype(act).unwrap()).unwrap());
+                let lin = PackedLinear::new(cpu, &w, b, kind).unwrap();
+                let x = x.to_dtype(act).unwrap();
+                let got = values(&lin.forward(&x, Activation::Identity).unwrap());
                 assert_eq!(got.len(), m * n);
                 let err = got
                     .iter()
@@ -619,21 +680,19 @@ mod tests {
 
     #[test]
     fn fused_gelu_matches_candle() {
-        if !available() {
+        let Some(cpu) = Avx512::detect() else {
             eprintln!("skipped: no AVX-512 VNNI on this CPU");
             return;
-        }
+        };
         let dev = Device::Cpu;
         // Wide inputs reach the tails of gelu, where exp under- and overflows.
         let x = (Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap() * 4.0).unwrap();
         let w = Tensor::randn(0f32, 0.5, (40, 96), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
-        let plain = PackedLinear::new(&w, Some(&b), PackedKind::F32).unwrap();
-        let want = values(&plain.forward(&x).unwrap().gelu().unwrap());
-        let fused = PackedLinear::new(&w, Some(&b), PackedKind::F32)
-            .unwrap()
-            .with_gelu();
-        let got = values(&fused.forward(&x).unwrap());
+        let lin = PackedLinear::new(cpu, &w, Some(&b), PackedKind::F32).unwrap();
+        let plain = lin.forward(&x, Activation::Identity).unwrap();
+        let want = values(&plain.gelu().unwrap());
+        let got = values(&lin.forward(&x, Activation::GeluNew).unwrap());
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "gelu {g} vs {w}");
         }
@@ -641,10 +700,10 @@ mod tests {
 
     #[test]
     fn a_row_is_bitwise_the_same_in_any_batch() {
-        if !available() {
+        let Some(cpu) = Avx512::detect() else {
             eprintln!("skipped: no AVX-512 VNNI on this CPU");
             return;
-        }
+        };
         let dev = Device::Cpu;
         let (k, n) = (1024 + 128, 1000);
         let x = Tensor::randn(0f32, 1.0, (37, k), &dev).unwrap();
@@ -656,13 +715,14 @@ mod tests {
             PackedKind::Bf16,
             PackedKind::Q8_0,
         ] {
-            let lin = PackedLinear::new(&w, Some(&b), kind).unwrap();
-            let all = values(&lin.forward(&x).unwrap());
+            let lin = PackedLinear::new(cpu, &w, Some(&b), kind).unwrap();
+            let run = |x: &Tensor| values(&lin.forward(x, Activation::Identity).unwrap());
+            let all = run(&x);
             for row in [0, 5, 36] {
-                let alone = values(&lin.forward(&x.narrow(0, row, 1).unwrap()).unwrap());
+                let alone = run(&x.narrow(0, row, 1).unwrap());
                 assert_eq!(alone, all[row * n..(row + 1) * n], "{kind:?} row {row}");
             }
-            let pair = values(&lin.forward(&x.narrow(0, 30, 7).unwrap()).unwrap());
+            let pair = run(&x.narrow(0, 30, 7).unwrap());
             assert_eq!(pair, all[30 * n..37 * n], "{kind:?} rows 30..37");
         }
     }

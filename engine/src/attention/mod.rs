@@ -1,0 +1,458 @@
+//! The two custom ops on the paged KV cache: [`write_kv`] stores a step's new keys and values
+//! in their slots (in place), and [`paged_attention`] computes each new token's attention over
+//! its own sequence's blocks (scores and softmax in f32).
+//!
+//! Each op is a private candle op struct behind a checked public function, with one
+//! implementation per backend:
+//!
+//! - `portable`: plain Rust over slices, for any CPU and head size (and under Miri);
+//! - `avx512`: the AVX-512 kernel, where an [`Avx512`](crate::cpu::Avx512) token says the CPU
+//!   has it (attention only; the write is a copy);
+//! - `cuda`: launches of `kernels/paged.cu`, under `--features cuda`.
+//!
+//! Before any kernel runs, the cache tensor is checked against the step
+//! ([`StepLayout::check_cache`]): the block ids of the step were checked against the pool's
+//! size when the step was laid out, and the kernels read without bounds checks, so a cache of
+//! another geometry would be read out of bounds.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Shape, Tensor};
+
+use crate::cpu::Elem;
+use crate::error::Result;
+use crate::paged::{CacheShape, StepLayout};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod portable;
+
+/// Writes a step's new keys and values (`(tokens, n_head, head_dim)` each, the cache's dtype)
+/// into their slots of one layer's `cache` (in place).
+pub(crate) fn write_kv(cache: &Tensor, k: &Tensor, v: &Tensor, step: &StepLayout) -> Result<()> {
+    step.check_cache(cache.dims())?;
+    cache.inplace_op3(k, v, &WriteKv { step })?;
+    Ok(())
+}
+
+/// Attention of each new token (`q`: `(tokens, n_head, head_dim)`) over the cached keys and
+/// values of its own sequence, positions `0..=its position`. Scores and softmax in f32.
+pub(crate) fn paged_attention(
+    q: &Tensor,
+    cache: &Tensor,
+    step: &StepLayout,
+    scale: f32,
+) -> Result<Tensor> {
+    step.check_cache(cache.dims())?;
+    Ok(q.apply_op2_no_bwd(cache, &PagedAttention { step, scale })?)
+}
+
+struct WriteKv<'a> {
+    step: &'a StepLayout,
+}
+
+struct PagedAttention<'a> {
+    step: &'a StepLayout,
+    scale: f32,
+}
+
+/// The geometry of the cache in `cache_l`, checked against `step`, and that the cache and the
+/// step's `(tokens, heads, head_dim)` operands (`operands`) are contiguous and sized to match.
+/// Both backends call this before launching anything.
+fn check_operands(
+    step: &StepLayout,
+    cache_l: &Layout,
+    operands: &[(&Layout, &str)],
+) -> candle_core::Result<CacheShape> {
+    let shape = step
+        .check_cache(cache_l.dims())
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    if !cache_l.is_contiguous() {
+        candle_core::bail!("the KV cache must be contiguous");
+    }
+    let want = step.num_tokens() * shape.width();
+    for (layout, what) in operands {
+        if !layout.is_contiguous() || layout.shape().elem_count() != want {
+            candle_core::bail!(
+                "{what} must be contiguous with {} tokens x {} heads x {} (got {:?})",
+                step.num_tokens(),
+                shape.heads,
+                shape.head_dim,
+                layout.dims()
+            );
+        }
+    }
+    Ok(shape)
+}
+
+/// The elements of a contiguous operand.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) if end <= data.len() => Ok(&data[start..end]),
+        _ => candle_core::bail!("paged KV op: operand is not contiguous"),
+    }
+}
+
+impl WriteKv<'_> {
+    fn write<T: Copy>(
+        &self,
+        cache: &mut [T],
+        cache_l: &Layout,
+        k: &[T],
+        k_l: &Layout,
+        v: &[T],
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let shape = check_operands(
+            self.step,
+            cache_l,
+            &[(k_l, "new keys"), (v_l, "new values")],
+        )?;
+        let Some((start, end)) = cache_l.contiguous_offsets() else {
+            candle_core::bail!("the KV cache must be contiguous");
+        };
+        let (k, v) = (contiguous(k, k_l)?, contiguous(v, v_l)?);
+        portable::write_kv(self.step, shape, &mut cache[start..end], k, v);
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for WriteKv<'_> {
+    fn name(&self) -> &'static str {
+        "gptj-write-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        match (cache, k, v) {
+            (CpuStorage::F32(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::F16(c), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::BF16(c), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (c, k, _) => candle_core::bail!(
+                "KV write: cache is {:?} but new keys are {:?}; both must be the same float type",
+                c.dtype(),
+                k.dtype()
+            ),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cache_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let shape = check_operands(
+            self.step,
+            cache_l,
+            &[(k_l, "new keys"), (v_l, "new values")],
+        )?;
+        cuda::write_kv(self.step, shape, cache, cache_l, k, k_l, v, v_l)
+    }
+}
+
+impl PagedAttention<'_> {
+    fn attend<T: Elem>(
+        &self,
+        q: &[T],
+        q_l: &Layout,
+        cache: &[T],
+        cache_l: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        let shape = check_operands(self.step, cache_l, &[(q_l, "queries")])?;
+        let (q, cache) = (contiguous(q, q_l)?, contiguous(cache, cache_l)?);
+        let (k_half, v_half) = cache.split_at(shape.half_len());
+        #[cfg(target_arch = "x86_64")]
+        if let Some(cpu) = crate::cpu::Avx512::detect() {
+            if let Some(out) = avx512::attend(cpu, self.step, shape, q, k_half, v_half, self.scale)
+            {
+                return Ok(out);
+            }
+        }
+        Ok(portable::attend(
+            self.step, shape, q, k_half, v_half, self.scale,
+        ))
+    }
+}
+
+impl CustomOp2 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "gptj-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        cache: &CpuStorage,
+        cache_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = q_l.shape().clone();
+        let out = match (q, cache) {
+            (CpuStorage::F32(q), CpuStorage::F32(c)) => CpuStorage::F32(self.attend(q, q_l, c, cache_l)?),
+            (CpuStorage::F16(q), CpuStorage::F16(c)) => CpuStorage::F16(self.attend(q, q_l, c, cache_l)?),
+            (CpuStorage::BF16(q), CpuStorage::BF16(c)) => CpuStorage::BF16(self.attend(q, q_l, c, cache_l)?),
+            (q, c) => candle_core::bail!(
+                "paged attention: queries are {:?} but the cache is {:?}; both must be the same float type",
+                q.dtype(),
+                c.dtype()
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        cache: &candle_core::CudaStorage,
+        cache_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let shape = check_operands(self.step, cache_l, &[(q_l, "queries")])?;
+        cuda::attend(self.step, shape, self.scale, q, q_l, cache, cache_l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BlockId, SeqChunk};
+    use crate::cpu::vector;
+    use crate::paged::KvPool;
+    use candle_core::{DType, Device};
+
+    /// Plain causal attention over contiguous K/V for one sequence, the reference.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        dim: usize,
+        start: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let width = heads * dim;
+        let n = q.len() / width;
+        let mut out = vec![0f32; n * width];
+        for t in 0..n {
+            let ctx = start + t + 1;
+            for h in 0..heads {
+                let qv = &q[t * width + h * dim..][..dim];
+                let scores: Vec<f32> = (0..ctx)
+                    .map(|p| vector::dot(qv, &k[p * width + h * dim..][..dim]) * scale)
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                for (p, e) in exps.iter().enumerate() {
+                    for d in 0..dim {
+                        out[t * width + h * dim + d] += e / sum * v[p * width + h * dim + d];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed)) % 1000) as f32 / 500.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    /// Prefills `len` tokens in two chunks (split at `split`, each attending to what came
+    /// before) through a scattered block table, and compares with plain attention.
+    fn check_against_plain(heads: usize, dim: usize, block_size: usize, len: usize, split: usize) {
+        let num_blocks = 16;
+        let width = heads * dim;
+        let (q, k, v) = (
+            values(len * width, 1),
+            values(len * width, 2),
+            values(len * width, 3),
+        );
+        let dev = Device::Cpu;
+        let pool = KvPool::new(1, heads, dim, num_blocks, block_size, DType::F32, &dev).unwrap();
+        let table: Vec<BlockId> = [9, 2, 14, 5, 0, 11, 7]
+            .iter()
+            .take(len.div_ceil(block_size))
+            .map(|&b| BlockId(b))
+            .collect();
+        let tokens = vec![0u32; len];
+        let mut got = Vec::new();
+        for (a, b) in [(0, split), (split, len)] {
+            let rows = [SeqChunk {
+                tokens: &tokens[a..b],
+                start_pos: a,
+                block_table: &table,
+                want_logits: true,
+            }];
+            let step = StepLayout::new(&rows, block_size, num_blocks, 128).unwrap();
+            let t = |x: &[f32]| {
+                Tensor::from_slice(&x[a * width..b * width], (b - a, heads, dim), &dev).unwrap()
+            };
+            write_kv(pool.layer(0), &t(&k), &t(&v), &step).unwrap();
+            let out = paged_attention(&t(&q), pool.layer(0), &step, 0.3).unwrap();
+            got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        let want = reference(&q, &k, &v, heads, dim, 0, 0.3);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "heads {heads} dim {dim}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn chunked_writes_and_scattered_blocks_match_plain_attention() {
+        // A head size with no vector kernel (the portable path) ...
+        check_against_plain(2, 8, 4, 11, 6);
+        // ... and GPT-J's (the AVX-512 path where the CPU has it): contexts that end inside a
+        // group of 16 positions and inside a block, odd and even.
+        check_against_plain(3, 64, 16, 53, 20);
+        check_against_plain(2, 256, 8, 37, 17);
+        check_against_plain(1, 32, 16, 16, 15);
+    }
+
+    /// The portable paths on plain slices, without candle's tensors: what Miri runs. Step 1
+    /// prefills row a (5 tokens) next to the first 2 tokens of row b; step 2 decodes row b's
+    /// third token. Both rows have scattered block tables.
+    #[test]
+    fn portable_paths_match_plain_attention() {
+        let (heads, dim, block_size, num_blocks) = (2, 4, 2, 8);
+        let width = heads * dim;
+        let shape = CacheShape {
+            num_blocks,
+            block_size,
+            heads,
+            head_dim: dim,
+        };
+        let mut cache = vec![0f32; 2 * shape.half_len()];
+        let seq = |n: usize, seed: u32| {
+            let w = n * width;
+            (values(w, seed), values(w, seed + 1), values(w, seed + 2))
+        };
+        let ((qa, ka, va), (qb, kb, vb)) = (seq(5, 1), seq(3, 4));
+        let (table_a, table_b) = (
+            [BlockId(6), BlockId(1), BlockId(4)],
+            [BlockId(0), BlockId(7)],
+        );
+        let tokens = [0u32; 5];
+        /// A row of a step: its token range, block table and the sequence's q, k, v.
+        type Row<'a> = (usize, usize, &'a [BlockId], &'a [f32], &'a [f32], &'a [f32]);
+        let mut run = |rows: &[Row<'_>]| {
+            let chunks: Vec<SeqChunk<'_>> = rows
+                .iter()
+                .map(|&(a, b, table, ..)| SeqChunk {
+                    tokens: &tokens[a..b],
+                    start_pos: a,
+                    block_table: table,
+                    want_logits: true,
+                })
+                .collect();
+            let step = StepLayout::new(&chunks, block_size, num_blocks, 16).unwrap();
+            let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+            for &(a, b, _, qs, ks, vs) in rows {
+                q.extend_from_slice(&qs[a * width..b * width]);
+                k.extend_from_slice(&ks[a * width..b * width]);
+                v.extend_from_slice(&vs[a * width..b * width]);
+            }
+            portable::write_kv(&step, shape, &mut cache, &k, &v);
+            let (k_half, v_half) = cache.split_at(shape.half_len());
+            portable::attend(&step, shape, &q, k_half, v_half, 0.5)
+        };
+        let first = run(&[
+            (0, 5, &table_a, &qa, &ka, &va),
+            (0, 2, &table_b, &qb, &kb, &vb),
+        ]);
+        let second = run(&[(2, 3, &table_b, &qb, &kb, &vb)]);
+        let got_a = &first[..5 * width];
+        let got_b = [&first[5 * width..], &second[..]].concat();
+        for (got, want) in [
+            (got_a, reference(&qa, &ka, &va, heads, dim, 0, 0.5)),
+            (&got_b[..], reference(&qb, &kb, &vb, heads, dim, 0, 0.5)),
+        ] {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+            }
+        }
+    }
+
+    /// Issue 14: a cache that does not match the step is an error, not an out-of-bounds read,
+    /// through the checked functions and through the op itself.
+    #[test]
+    fn a_cache_that_does_not_match_the_step_is_an_error() {
+        let dev = Device::Cpu;
+        let (heads, dim) = (2, 16);
+        // The step is laid out for a pool of 16 blocks of 4 slots and uses block 15.
+        let table = [BlockId(15)];
+        let rows = [SeqChunk {
+            tokens: &[1, 2],
+            start_pos: 0,
+            block_table: &table,
+            want_logits: true,
+        }];
+        let step = StepLayout::new(&rows, 4, 16, 64).unwrap();
+        let q = Tensor::ones((2, heads, dim), DType::F32, &dev).unwrap();
+        let good = KvPool::new(1, heads, dim, 16, 4, DType::F32, &dev).unwrap();
+        write_kv(good.layer(0), &q, &q, &step).unwrap();
+        paged_attention(&q, good.layer(0), &step, 0.25).unwrap();
+        for (blocks, block_size) in [(2, 4), (16, 2), (4, 16)] {
+            let small = KvPool::new(1, heads, dim, blocks, block_size, DType::F32, &dev).unwrap();
+            let cache = small.layer(0);
+            let err = paged_attention(&q, cache, &step, 0.25)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("was laid out for a pool of 16 blocks of 4"),
+                "{err}"
+            );
+            let err = write_kv(cache, &q, &q, &step).unwrap_err().to_string();
+            assert!(
+                err.contains("was laid out for a pool of 16 blocks of 4"),
+                "{err}"
+            );
+            // The op checks for itself, whoever calls it.
+            let op = PagedAttention {
+                step: &step,
+                scale: 0.25,
+            };
+            let err = q.apply_op2_no_bwd(cache, &op).unwrap_err().to_string();
+            assert!(err.contains("was laid out for a pool"), "{err}");
+            let err = cache
+                .inplace_op3(&q, &q, &WriteKv { step: &step })
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("was laid out for a pool"), "{err}");
+        }
+        // Queries for a different number of heads than the cache holds.
+        let wrong_q = Tensor::ones((2, heads + 1, dim), DType::F32, &dev).unwrap();
+        let err = paged_attention(&wrong_q, good.layer(0), &step, 0.25)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("queries must be contiguous with 2 tokens"),
+            "{err}"
+        );
+    }
+}

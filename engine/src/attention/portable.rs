@@ -1,0 +1,85 @@
+//! The portable CPU paths of the paged ops: plain, bounds-checked Rust over slices (rayon for
+//! attention's heads, the vector helpers for dot products). They run wherever the AVX-512
+//! kernel does not (other CPUs, head sizes it has no instance for, `GPTJ_CPU_KERNELS=candle`)
+//! and are what Miri checks.
+
+use rayon::prelude::*;
+
+use crate::cpu::{vector, Elem};
+use crate::paged::{CacheShape, StepLayout};
+
+/// Writes the step's new keys and values (`(tokens, heads, head_dim)` each) into their slots of
+/// `cache`, a layer's cache of geometry `shape`.
+pub(crate) fn write_kv<T: Copy>(
+    step: &StepLayout,
+    shape: CacheShape,
+    cache: &mut [T],
+    k: &[T],
+    v: &[T],
+) {
+    let width = shape.width();
+    let (k_half, v_half) = cache.split_at_mut(shape.half_len());
+    for (t, &slot) in step.slots().iter().enumerate() {
+        let dst = slot as usize * width;
+        k_half[dst..dst + width].copy_from_slice(&k[t * width..(t + 1) * width]);
+        v_half[dst..dst + width].copy_from_slice(&v[t * width..(t + 1) * width]);
+    }
+}
+
+/// Attention of every new token of `step` (`q`: `(tokens, heads, head_dim)`) over positions
+/// `0..=its position` of its own sequence, read from the K and V halves of a cache of
+/// geometry `shape`. Scores and softmax in f32.
+pub(crate) fn attend<T: Elem>(
+    step: &StepLayout,
+    shape: CacheShape,
+    q: &[T],
+    k_half: &[T],
+    v_half: &[T],
+    scale: f32,
+) -> Vec<T> {
+    let (heads, dim, width, block_size) =
+        (shape.heads, shape.head_dim, shape.width(), shape.block_size);
+    let mut out = vec![T::narrow(0.0); step.num_tokens() * width];
+    out.par_chunks_mut(dim).enumerate().for_each_init(
+        || {
+            (
+                Vec::<f32>::new(),
+                vec![0f32; dim],
+                vec![0f32; dim],
+                vec![0f32; dim],
+            )
+        },
+        |(scores, qbuf, row, acc), (i, out)| {
+            let (t, h) = (i / heads, i % heads);
+            let qf = T::as_f32(&q[i * dim..(i + 1) * dim], qbuf);
+            let table = step.table_of(t);
+            let ctx = step.context_of(t);
+            let offset_of = |pos: usize| {
+                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
+                slot * width + h * dim
+            };
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for pos in 0..ctx {
+                let off = offset_of(pos);
+                let s = vector::dot(qf, T::as_f32(&k_half[off..off + dim], row)) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            acc.fill(0.0);
+            for (pos, &p) in scores.iter().enumerate() {
+                let off = offset_of(pos);
+                vector::axpy(p / sum, T::as_f32(&v_half[off..off + dim], row), acc);
+            }
+            for (o, &a) in out.iter_mut().zip(acc.iter()) {
+                *o = T::narrow(a);
+            }
+        },
+    );
+    out
+}
