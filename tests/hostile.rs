@@ -102,7 +102,13 @@ async fn oversized_prompts_cost_bounded_memory() {
     // 8 one-word prompts of 1.9 MB (inside the 2 MB body limit) and 8 of 250 KB (just under
     // the byte bound, so they are tokenized and then refused by their token count).
     let p = format!("/v1/models/{MODEL}:predict");
-    for (bytes, needle) in [(1_900_000, "bytes"), (250_000, "context window")] {
+    let mut after_each = Vec::new();
+    for (bytes, needle) in [
+        (1_900_000, "bytes"),
+        (250_000, "context window"),
+        (250_000, "context window"),
+        (250_000, "context window"),
+    ] {
         let body = predict_body(&"a".repeat(bytes), 4);
         let reqs = (0..8).map(|_| s.post_raw(&p, &body));
         let during = tokio::spawn({
@@ -124,25 +130,30 @@ async fn oversized_prompts_cost_bounded_memory() {
         let (status, ms) = during.await.unwrap();
         assert_eq!(status, 200);
         eprintln!("hostile: 8 x {bytes} B one-word prompts: normal request during them {ms} ms");
+        after_each.push(s.rss_mib().round());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     sampler.abort();
     let rss1 = s.rss_mib();
     let peak = *peak.lock().unwrap();
     eprintln!(
-        "hostile: oversized prompts: RSS {rss0:.0} MiB before, {peak:.0} MiB peak, {rss1:.0} MiB after; normal request {base_ms} ms before"
+        "hostile: oversized prompts: RSS {rss0:.0} MiB before, {peak:.0} MiB peak, {rss1:.0} MiB after; after each burst {after_each:?} MiB; normal request {base_ms} ms before"
+    );
+    // The first large tokenization warms the tokenizer's caches once; repeated bursts add
+    // nothing (the allocator is trimmed after each).
+    let (second, last) = (after_each[1], after_each[after_each.len() - 1]);
+    assert!(
+        last <= second + 10.0,
+        "RSS grew burst after burst: {after_each:?}"
     );
     assert!(peak < rss0 + 600.0, "peak {peak} MiB from {rss0}");
-    assert!(rss1 < rss0 + 150.0, "RSS stayed at {rss1} MiB from {rss0}");
+    assert!(rss1 < rss0 + 100.0, "RSS stayed at {rss1} MiB from {rss0}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_readers_are_cut_off_and_their_jobs_freed() {
-    let s = Server::start(&["--write-timeout", "2s", "--max-new-tokens", "200"]).await;
+    let s = Server::start(&["--write-timeout", "2s"]).await;
     let rss0 = s.rss_mib();
-    let prompt = "hello ".repeat(1500);
-    let body = json!({"prompt": prompt, "n": 16, "echo": true, "max_tokens": 400, "stream": true})
-        .to_string();
+    let body = big_echo_stream(64);
     let mut stalled = Vec::new();
     for _ in 0..8 {
         let mut c = connect(&s, Some(4096)).await;
@@ -455,9 +466,7 @@ async fn invented_methods_and_encoded_verbs_keep_metrics_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_within_the_bound_despite_a_stalled_stream() {
     let mut s = Server::start(&["--shutdown-timeout", "2s", "--write-timeout", "120s"]).await;
-    let prompt = "hello ".repeat(1500);
-    let body = json!({"prompt": prompt, "n": 16, "echo": true, "max_tokens": 1000, "stream": true})
-        .to_string();
+    let body = big_echo_stream(64);
     let mut c = connect(&s, Some(4096)).await;
     let head = format!(
         "POST /openai/v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
@@ -469,7 +478,16 @@ async fn sigterm_exits_within_the_bound_despite_a_stalled_stream() {
         s.metrics().await.sum("gptj_http_requests_in_flight", &[]) >= 1.0
     })
     .await;
-    assert!(started.is_some());
+    // The answer's head: the stream must have started (a 200), and is left unread after.
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).await.unwrap();
+    if started.is_none() || &head != b"HTTP/1.1 200" {
+        let (text, _) = read_until_close(&mut c, Duration::from_secs(2)).await;
+        panic!(
+            "the stream did not start: {:?}",
+            &text[..text.len().min(900)]
+        );
+    }
     let t = Instant::now();
     s.terminate();
     let status = s.wait_exit(Duration::from_secs(20)).await;

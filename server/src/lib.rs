@@ -29,6 +29,7 @@ pub mod error;
 pub mod generate_cmd;
 pub mod generation;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod params;
 pub mod pipeline;

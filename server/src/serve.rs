@@ -49,6 +49,7 @@ async fn run(
         loop {
             tick.tick().await;
             upkeep.run_upkeep();
+            crate::memory::release_free_memory();
         }
     });
     let shutdown_timeout = config.shutdown_timeout;

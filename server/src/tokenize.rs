@@ -96,7 +96,7 @@ impl PromptTokenizer {
             let bytes: usize = texts.iter().map(String::len).sum();
             drop(texts);
             if bytes >= TRIM_AFTER_BYTES {
-                release_free_memory();
+                crate::memory::release_free_memory();
             }
             drop(permit);
             out
@@ -106,21 +106,6 @@ impl PromptTokenizer {
         .map_err(ApiError::from)
     }
 }
-
-/// Asks the allocator to give its free memory back to the system.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
-    // SAFETY: `malloc_trim` has no preconditions: glibc documents it as safe to call at any
-    // time from any thread (it takes each arena's lock), and it only releases memory that is
-    // free, so no live allocation is affected.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Other allocators return memory on their own terms.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
 
 #[cfg(test)]
 mod tests {
