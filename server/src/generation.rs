@@ -17,16 +17,13 @@ use gptj_scheduler::{FinishReason, JobEvent, JobRequest, JobStream, SubmitError,
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use crate::params::{Dialect, Plan, RequestParams, ValidationError};
+use crate::params::{Dialect, Plan, PromptName, RequestParams, ValidationError};
 use crate::state::Backend;
 use crate::telemetry::RequestRecord;
 
 /// Extra time past the scheduler's deadline before the server stops waiting by itself (the
 /// scheduler ends late jobs at its next step boundary; this only guards against a stuck loop).
 pub const DEADLINE_GRACE: Duration = Duration::from_secs(5);
-
-/// Names prompt `i` in messages (`instance 2`, `prompt 0`).
-pub type PromptName = fn(usize) -> String;
 
 /// What a protocol asks the server to generate.
 #[derive(Debug, Clone, PartialEq)]

@@ -20,8 +20,7 @@ use gptj_engine::Tokenizer;
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
-use crate::generation::PromptName;
-use crate::params::ValidationError;
+use crate::params::{PromptName, ValidationError};
 
 /// Inputs at least this large (bytes, all prompts of a request) are followed by a trim.
 const TRIM_AFTER_BYTES: usize = 64 << 10;

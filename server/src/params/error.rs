@@ -2,6 +2,9 @@
 //! name the field (`parameters.top_p`), the allowed range and the value given, and, for
 //! per-prompt checks, the prompt (`instance 2`).
 
+/// Names prompt `i` in messages (`instance 2`, `prompt 0`): each protocol's own word.
+pub type PromptName = fn(usize) -> String;
+
 /// A request that is malformed or asks for something out of range.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]

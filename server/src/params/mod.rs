@@ -18,7 +18,7 @@ pub mod json;
 pub mod resolve;
 pub mod table;
 
-pub use error::ValidationError;
+pub use error::{PromptName, ValidationError};
 pub use json::{describe, parse_body};
 pub use resolve::{Defaults, DefaultsError, Plan};
 pub use table::{Dialect, Limits, Names, ParamsReader, RequestParams, PARAMETERS};
