@@ -109,7 +109,7 @@ impl<M: Model> Batcher<M> {
         );
         let tokenizer = model.tokenizer();
         let (eos_token_id, allowed_vocab) = (tokenizer.eos_token_id(), tokenizer.base_vocab_size());
-        metrics::gauge!(m::KV_CACHE_BLOCKS_TOTAL).set(blocks.num_blocks() as f64);
+        metrics::gauge!(m::KV_CACHE_BLOCKS).set(blocks.num_blocks() as f64);
         Self {
             model,
             blocks,

@@ -2,9 +2,10 @@
 //!
 //! Names follow vLLM's (`vllm:X` becomes `gptj_X`), so dashboards built for vLLM map over.
 //! Nothing is recorded anywhere until the binary installs a recorder (the server installs
-//! the Prometheus exporter); [`describe`] registers help texts and units and should be called
-//! once after that. Histogram buckets are the exporter's business; docs/scheduler.md
-//! suggests some.
+//! the Prometheus exporter); [`describe`] registers help texts and units and every series at
+//! zero (each label value included), so a fresh server exposes them all before the first
+//! event. Call it once after installing the recorder. Histogram buckets are the exporter's
+//! business; docs/scheduler.md suggests some.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
@@ -16,8 +17,8 @@ pub const NUM_REQUESTS_WAITING: &str = "gptj_num_requests_waiting";
 pub const KV_CACHE_USAGE_PERC: &str = "gptj_kv_cache_usage_perc";
 /// Gauge: KV blocks held by sequences.
 pub const KV_CACHE_BLOCKS_USED: &str = "gptj_kv_cache_blocks_used";
-/// Gauge: KV blocks in the pool.
-pub const KV_CACHE_BLOCKS_TOTAL: &str = "gptj_kv_cache_blocks_total";
+/// Gauge: KV blocks in the pool. (Not `_total`: that suffix is for counters.)
+pub const KV_CACHE_BLOCKS: &str = "gptj_kv_cache_blocks";
 /// Counter: preemptions.
 pub const NUM_PREEMPTIONS: &str = "gptj_num_preemptions_total";
 /// Counter: tokens looked up in the prefix cache at admission.
@@ -38,13 +39,57 @@ pub const INTER_TOKEN_LATENCY: &str = "gptj_inter_token_latency_seconds";
 pub const REQUEST_QUEUE_TIME: &str = "gptj_request_queue_time_seconds";
 /// Histogram: seconds from submission to the end.
 pub const E2E_REQUEST_LATENCY: &str = "gptj_e2e_request_latency_seconds";
-/// Histogram: tokens computed per step (prefill and decode).
-pub const ITERATION_TOKENS: &str = "gptj_iteration_tokens_total";
+/// Histogram: tokens computed per step (prefill and decode). (vLLM's
+/// `iteration_tokens_total`; a histogram's name takes no `_total`.)
+pub const ITERATION_TOKENS: &str = "gptj_iteration_tokens";
+
+/// The `finished_reason` values of [`REQUEST_SUCCESS`] ([`crate::FinishReason::as_str`]).
+pub const FINISHED_REASONS: &[&str] = &[
+    "stop",
+    "length",
+    "stop_sequence",
+    "cancelled",
+    "timeout",
+    "error",
+];
 /// Histogram: seconds per step (plan, forward, sampling, emission).
 pub const STEP_DURATION: &str = "gptj_step_duration_seconds";
 
-/// Registers every metric's description and unit with the installed recorder.
+/// Registers every metric's description and unit with the installed recorder, and every
+/// series at zero.
 pub fn describe() {
+    for name in [
+        NUM_REQUESTS_RUNNING,
+        NUM_REQUESTS_WAITING,
+        KV_CACHE_USAGE_PERC,
+        KV_CACHE_BLOCKS_USED,
+        KV_CACHE_BLOCKS,
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+    for name in [
+        NUM_PREEMPTIONS,
+        PREFIX_CACHE_QUERIES,
+        PREFIX_CACHE_HITS,
+        PROMPT_TOKENS,
+        GENERATION_TOKENS,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for reason in FINISHED_REASONS {
+        metrics::counter!(REQUEST_SUCCESS, "finished_reason" => *reason).absolute(0);
+    }
+    for name in [
+        TIME_TO_FIRST_TOKEN,
+        INTER_TOKEN_LATENCY,
+        REQUEST_QUEUE_TIME,
+        E2E_REQUEST_LATENCY,
+        ITERATION_TOKENS,
+        STEP_DURATION,
+    ] {
+        // Registering a histogram makes it exist, with every bucket at 0.
+        let _ = metrics::histogram!(name);
+    }
     describe_gauge!(
         NUM_REQUESTS_RUNNING,
         Unit::Count,
@@ -65,7 +110,7 @@ pub fn describe() {
         Unit::Count,
         "KV blocks held by sequences."
     );
-    describe_gauge!(KV_CACHE_BLOCKS_TOTAL, Unit::Count, "KV blocks in the pool.");
+    describe_gauge!(KV_CACHE_BLOCKS, Unit::Count, "KV blocks in the pool.");
     describe_counter!(
         NUM_PREEMPTIONS,
         Unit::Count,

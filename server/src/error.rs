@@ -131,6 +131,24 @@ pub struct ErrorTag {
     pub rejected: bool,
 }
 
+/// Every `error_type` tag, and whether it is a rejection (before work started) or a failure.
+/// The metrics start each one's series at zero.
+pub const ERROR_TYPES: &[(&str, bool)] = &[
+    ("validation", true),
+    ("not_found", true),
+    ("method_not_allowed", true),
+    ("not_ready", true),
+    ("draining", true),
+    ("overloaded", true),
+    ("unauthorized", true),
+    ("payload_too_large", true),
+    ("body_timeout", true),
+    ("cancelled", false),
+    ("timeout", false),
+    ("generation", false),
+    ("internal", false),
+];
+
 /// The detail of an internal error, for the log only.
 #[derive(Debug, Clone)]
 pub struct InternalDetail(pub String);
@@ -295,6 +313,44 @@ mod tests {
         assert_eq!(b["error"]["type"], "unauthorized");
         let b = ApiError::Unauthorized.body(Wire::KserveV1);
         assert!(b["error"].as_str().unwrap().contains("API key"));
+    }
+
+    #[test]
+    fn every_tag_is_listed_with_its_kind() {
+        let d = Duration::from_secs(1);
+        let all = [
+            ApiError::Validation(ValidationError::EmptyInstances),
+            ApiError::ModelNotFound("m".into()),
+            ApiError::RouteNotFound {
+                method: "GET".into(),
+                path: "/".into(),
+            },
+            ApiError::MethodNotAllowed {
+                method: "GET".into(),
+                path: "/".into(),
+            },
+            ApiError::NotReady("m".into()),
+            ApiError::Draining,
+            ApiError::Cancelled,
+            ApiError::Overloaded {
+                retry_after: d,
+                detail: String::new(),
+            },
+            ApiError::Unauthorized,
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::BodyTimeout(d),
+            ApiError::BadBody(String::new()),
+            ApiError::Timeout(d),
+            ApiError::Generation(String::new()),
+            ApiError::Internal(String::new()),
+        ];
+        for e in all {
+            let tag = e.tag();
+            assert!(
+                ERROR_TYPES.contains(&(tag.error_type, tag.rejected)),
+                "{tag:?} is not in ERROR_TYPES"
+            );
+        }
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub const SERVER_READY: &str = "gptj_server_ready";
 pub const ENGINE_ALIVE: &str = "gptj_engine_alive";
 /// Gauge: TCP connections open.
 pub const CONNECTIONS_OPEN: &str = "gptj_http_connections_open";
+/// Gauge, labels `block_size` and `num_gpu_blocks`: 1; the KV cache's geometry, for
+/// prefix-aware routers (vLLM's `cache_config_info`).
+pub const CACHE_CONFIG_INFO: &str = "gptj_cache_config_info";
 /// Counter: connections refused at `--max-connections`.
 pub const CONNECTIONS_REFUSED: &str = "gptj_http_connections_refused_total";
 
@@ -145,8 +148,45 @@ pub fn connection_refused() {
     metrics::counter!(CONNECTIONS_REFUSED).increment(1);
 }
 
-/// Describes the metrics this crate records (help text and units).
+/// Publishes the KV cache's geometry once the model is loaded.
+pub fn cache_config(block_size: usize, num_blocks: usize) {
+    metrics::gauge!(
+        CACHE_CONFIG_INFO,
+        "block_size" => block_size.to_string(),
+        "num_gpu_blocks" => num_blocks.to_string()
+    )
+    .set(1.0);
+}
+
+/// Describes the metrics this crate records (help text and units), and starts every series
+/// whose labels are known in advance at zero, so a fresh server exposes them before the
+/// first event. (`gptj_http_requests_total` and the request duration appear per route and
+/// status as requests come; `gptj_cache_config_info` once the model is loaded.)
 pub fn describe() {
+    for name in [
+        REQUESTS_IN_FLIGHT,
+        SERVER_READY,
+        ENGINE_ALIVE,
+        CONNECTIONS_OPEN,
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+    metrics::counter!(CONNECTIONS_REFUSED).absolute(0);
+    for (reason, rejected) in crate::error::ERROR_TYPES {
+        let name = if *rejected {
+            REQUEST_REJECTED
+        } else {
+            REQUEST_FAILED
+        };
+        metrics::counter!(name, "reason" => *reason).absolute(0);
+    }
+    for name in [REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS] {
+        let _ = metrics::histogram!(name);
+    }
+    describe_gauge!(
+        CACHE_CONFIG_INFO,
+        "KV cache geometry: block_size and num_gpu_blocks labels, value 1"
+    );
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route, method and status"

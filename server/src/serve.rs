@@ -141,6 +141,7 @@ pub fn load(
         load_s = started.elapsed().as_secs_f64(),
         "model loaded and warm"
     );
+    metrics::cache_config(engine.block_size(), engine.num_kv_blocks());
     let tokenizer = engine.tokenizer().clone();
     let max_context = engine.max_context();
     let scheduler = gptj_scheduler::spawn(engine, scheduler)?;
