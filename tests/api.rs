@@ -365,7 +365,7 @@ async fn api_keys_guard_generation_only() {
     .await;
     assert_eq!(st, 401);
     let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["error"]["code"], 401);
+    assert_eq!(v["error"]["type"], "authentication_error");
     assert_eq!(s.get("/openai/v1/models").await.0, 401);
     let (st, _, _) = send(
         None,
@@ -525,7 +525,7 @@ async fn request_timeout_and_request_id() {
     assert_eq!(st, 200);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(err["error"]["type"], "timeout", "{err}");
+    assert_eq!(err["error"]["code"], "timeout", "{err}");
     let m = s.metrics().await;
     assert_eq!(
         m.sum("gptj_request_failed_total", &[("reason", "timeout")]),

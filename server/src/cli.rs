@@ -138,6 +138,11 @@ pub struct HttpArgs {
     /// Request header whose value names the tenant (for fair scheduling between tenants).
     #[arg(long, env = "GPTJ_TENANT_HEADER", default_value = "x-tenant-id")]
     pub tenant_header: String,
+    /// A Jinja chat template (HuggingFace's `chat_template` convention) for the chat
+    /// completions routes, e.g. assets/chat-template.jinja. Default: the `chat_template` of a
+    /// model directory's tokenizer_config.json; without either, chat requests get 400.
+    #[arg(long, env = "GPTJ_CHAT_TEMPLATE")]
+    pub chat_template: Option<std::path::PathBuf>,
 }
 
 /// Everything `gptj generate` takes.

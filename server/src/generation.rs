@@ -79,6 +79,7 @@ pub fn job(
         params: plan.sampling_for(j),
         max_new_tokens: plan.max_new_tokens,
         stop: plan.stop.clone(),
+        stop_token_ids: plan.stop_token_ids.clone(),
         tenant,
         priority: 0,
         deadline: Some(deadline),

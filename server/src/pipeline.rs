@@ -30,6 +30,7 @@ use axum::Json;
 use serde_json::{Map, Value};
 
 use crate::api_keys::KeyIndex;
+use crate::config::ServerConfig;
 use crate::error::{ApiError, Wire};
 use crate::generation::{self, collect_all, Finished, Generation, Submitted};
 use crate::params::{parse_body, Dialect, Limits, ValidationError};
@@ -51,6 +52,13 @@ pub trait Protocol: Send + Sync + 'static {
 
     /// Parses a JSON body (everything that does not need the tokenizer).
     fn parse(body: &Map<String, Value>, limits: Limits) -> Result<Self::Request, ValidationError>;
+
+    /// Finishes a parsed request with what needs the server's settings (the chat template
+    /// turning messages into the prompt); errors are answered as parse errors are.
+    fn prepare(req: &mut Self::Request, config: &ServerConfig) -> Result<(), ApiError> {
+        let _ = (req, config);
+        Ok(())
+    }
 
     /// What the request asks to generate.
     fn generation(req: &Self::Request) -> &Generation;
@@ -209,7 +217,7 @@ pub fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
 
 /// Reads the whole body, at most `limit` bytes. The content type is not checked: `curl -d`
 /// sends `application/x-www-form-urlencoded`, and the seed's commands must work as they are.
-async fn read_json(body: Body, limit: usize) -> Result<Map<String, Value>, ApiError> {
+pub async fn read_json(body: Body, limit: usize) -> Result<Map<String, Value>, ApiError> {
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
@@ -242,7 +250,8 @@ async fn run<P: Protocol>(
     let (guard, backend) = state.admit()?;
     let config = state.config();
     let body = read_json(body, config.body_limit).await?;
-    let req = P::parse(&body, config.limits())?;
+    let mut req = P::parse(&body, config.limits())?;
+    P::prepare(&mut req, config)?;
     let generation = P::generation(&req);
     if let Some(m) = &generation.model {
         check_model(&state, m)?;

@@ -9,7 +9,7 @@
 
 use serde_json::{Map, Value};
 
-use super::json::{read_bool, read_float, read_stop, read_uint};
+use super::json::{read_bool, read_float, read_stop, read_token_ids, read_uint};
 use super::ValidationError;
 use crate::cli::GenerationArgs;
 
@@ -49,6 +49,10 @@ pub struct RequestParams {
     pub stop: Option<Vec<String>>,
     /// Prompt included in the returned text.
     pub return_full_text: Option<bool>,
+    /// End-of-text does not end the sequence: it runs to its maximum (vLLM's `ignore_eos`).
+    pub ignore_eos: Option<bool>,
+    /// Token ids that end the sequence when generated (vLLM's `stop_token_ids`).
+    pub stop_token_ids: Option<Vec<u32>>,
 }
 
 /// Limits that depend on the server's flags.
@@ -89,6 +93,12 @@ pub enum Kind {
     Stop {
         /// Stores the value.
         store: fn(&mut RequestParams, Vec<String>),
+    },
+    /// An array of token ids ([`read_token_ids`]'s rules; the vocabulary is checked when
+    /// the job is submitted).
+    TokenIds {
+        /// Stores the value.
+        store: fn(&mut RequestParams, Vec<u32>),
     },
 }
 
@@ -198,6 +208,10 @@ pub const PARAMETERS: &[Param] = &[
     Param::bool("return_full_text", |p, v| p.return_full_text = Some(v))
         .default("--return-full-text", |a| Some(a.return_full_text.to_string()))
         .doc("whether the returned text starts with the prompt (the flag is V1's default; OIP and OpenAI default to false)"),
+    Param::bool("ignore_eos", |p, v| p.ignore_eos = Some(v))
+        .doc("keep generating past end-of-text, up to the maximum (vLLM's; `true` sets the minimum to the maximum)"),
+    Param::token_ids("stop_token_ids", |p, v| p.stop_token_ids = Some(v))
+        .doc("token ids (up to 64, each in the vocabulary) that end generation when produced; the token's text is not returned (vLLM's)"),
 ];
 
 /// The parameter named `name` in the table.
@@ -241,6 +255,10 @@ impl Param {
         Self::new(name, Kind::Stop { store })
     }
 
+    const fn token_ids(name: &'static str, store: fn(&mut RequestParams, Vec<u32>)) -> Self {
+        Self::new(name, Kind::TokenIds { store })
+    }
+
     /// The flag that sets the default, and how to read its value from the parsed flags.
     const fn default(
         self,
@@ -269,6 +287,7 @@ impl Param {
             Kind::Float { range, .. } => range.describe().to_owned(),
             Kind::Bool { .. } => "a boolean".to_owned(),
             Kind::Stop { .. } => "a string or an array of strings".to_owned(),
+            Kind::TokenIds { .. } => "an array of integers >= 0".to_owned(),
         }
     }
 
@@ -295,6 +314,7 @@ impl Param {
             ),
             Kind::Bool { store } => store(p, read_bool(field, v)?),
             Kind::Stop { store } => store(p, read_stop(field, v)?),
+            Kind::TokenIds { store } => store(p, read_token_ids(field, v)?),
         }
         Ok(())
     }
@@ -543,6 +563,26 @@ mod tests {
                 "boolean",
             ),
             (json!({"stop": [1]}), "parameters.stop[0]", "string"),
+            (
+                json!({"stop_token_ids": 5}),
+                "parameters.stop_token_ids",
+                "an array",
+            ),
+            (
+                json!({"stop_token_ids": [1, -2]}),
+                "parameters.stop_token_ids[1]",
+                "[0, 4294967295]",
+            ),
+            (
+                json!({"stop_token_ids": vec![1; 65]}),
+                "parameters.stop_token_ids",
+                "at most 64",
+            ),
+            (
+                json!({"ignore_eos": "yes"}),
+                "parameters.ignore_eos",
+                "boolean",
+            ),
             (json!({"stop": ""}), "parameters.stop[0]", "non-empty"),
             (
                 json!({"temprature": 1}),
