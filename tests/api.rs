@@ -47,9 +47,12 @@ async fn seed_curl_bodies_verbatim() {
     assert_eq!((status, body.as_str()), (200, r#"{"status":"alive"}"#));
     let (status, body) = s.get("/v1/models").await;
     assert_eq!(status, 200);
+    // KServe's `models`, plus OpenAI's list fields for clients whose base URL is `/v1`.
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["models"], json!([MODEL]), "{v}");
     assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"models": [MODEL]})
+        (v["object"].as_str(), v["data"][0]["id"].as_str()),
+        (Some("list"), Some(MODEL))
     );
     let reqs = seed_bodies().into_iter().map(|(body, prompts)| {
         let s = &s;

@@ -300,6 +300,7 @@ def main():
         server.stop()
     if failed:
         print(f"server log (tail):\n{server.logs()}")
+    os.unlink(server.log.name)
     print(f"{len(CHECKS) - len([f for f in failed if f != 'setup'])}/{len(CHECKS)} client checks passed "
           f"in {time.time() - started:.1f}s")
     sys.exit(1 if failed else 0)
