@@ -881,7 +881,13 @@ async fn tokenize_and_detokenize_in_vllms_shapes() {
             "/tokenize",
             json!({"prompt": "a", "messages": []}),
             400,
-            "messages",
+            "not both",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "a"}]}),
+            400,
+            "--chat-template",
         ),
         ("/tokenize", json!({"prompt": "a", "model": "x"}), 404, "x"),
         (
@@ -906,6 +912,12 @@ async fn tokenize_and_detokenize_in_vllms_shapes() {
             a.text
         );
     }
+    // The chat form counts the template's prompt.
+    let chat = ready(&["--chat-template", CHAT_TEMPLATE]);
+    let ids = tokenizer().encode("User: Hi\nAssistant:").unwrap();
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]});
+    let a = call(&chat, "POST", "/tokenize", &body.to_string()).await;
+    assert_eq!(a.json()["tokens"], json!(ids), "{}", a.text);
     let keyed = ready(&["--api-key", "k"]);
     let a = call(&keyed, "POST", "/tokenize", r#"{"prompt": "a"}"#).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);

@@ -205,7 +205,7 @@ impl Protocol for ChatCompletions {
 }
 
 /// The 400 of a server without a chat template.
-fn no_template() -> ApiError {
+pub(super) fn no_template() -> ApiError {
     refused(
         "messages",
         "GPT-J has no chat template of its own and this server was started without one: start \
@@ -228,7 +228,7 @@ fn chat_id(request_id: &str) -> String {
 
 /// `messages`: a non-empty array of `{"role", "content"}`; `content` is a string, an array of
 /// text parts (`{"type": "text", "text"}`, joined) or, for an assistant turn, null.
-fn parse_messages(v: &Value) -> Result<Vec<Message>, ValidationError> {
+pub(super) fn parse_messages(v: &Value) -> Result<Vec<Message>, ValidationError> {
     let expected = "a non-empty array of {\"role\", \"content\"} objects";
     let items = match v {
         Value::Array(a) if !a.is_empty() => a,

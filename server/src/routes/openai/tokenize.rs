@@ -2,7 +2,9 @@
 vLLM's tokenizer routes, which benchmark harnesses and gateways call to count tokens:
 
 - `POST /tokenize` with `{"prompt": "...", "model"?, "add_special_tokens"?}` answers
-  `{"count", "max_model_len", "tokens": [...]}`;
+  `{"count", "max_model_len", "tokens": [...]}`; vLLM's chat form, `{"messages": [...],
+  "add_generation_prompt"?}` instead of `prompt`, tokenizes what the chat template makes of
+  the messages (400 without a template, as on chat completions);
 - `POST /detokenize` with `{"tokens": [...], "model"?}` answers `{"prompt": "..."}`.
 
 Both are also under `/openai`, need a key when keys are set (they are in the OpenAI group),
@@ -69,16 +71,41 @@ async fn body(
 
 async fn tokenize(State(state): State<AppState>, b: Body) -> Response {
     let run = async {
-        let (backend, body) = body(&state, b, "model, prompt, add_special_tokens").await?;
-        if let Some(v) = body.get("add_special_tokens").filter(|v| !v.is_null()) {
-            read_bool("add_special_tokens", v)?;
-        }
-        let prompt = match body.get("prompt") {
-            Some(v) => read_string("prompt", v)?.to_owned(),
-            None => {
+        let known = "model, prompt, messages, add_generation_prompt, add_special_tokens";
+        let (backend, body) = body(&state, b, known).await?;
+        let flag = |f: &str| match body.get(f).filter(|v| !v.is_null()) {
+            Some(v) => read_bool(f, v).map(Some),
+            None => Ok(None),
+        };
+        flag("add_special_tokens")?;
+        let add_generation_prompt = flag("add_generation_prompt")?;
+        let prompt = match (body.get("prompt"), body.get("messages")) {
+            (Some(v), None) if add_generation_prompt.is_none() => {
+                read_string("prompt", v)?.to_owned()
+            }
+            (None, Some(m)) => {
+                let messages = super::chat::parse_messages(m)?;
+                let template = state.config().chat_template.as_ref();
+                template
+                    .ok_or_else(super::chat::no_template)?
+                    .render(&messages, add_generation_prompt.unwrap_or(true))
+                    .map_err(|e| ValidationError::Unsupported {
+                        field: "messages".into(),
+                        message: e.to_string(),
+                    })?
+            }
+            (None, None) => {
                 return Err(ApiError::from(ValidationError::Missing {
                     field: "prompt".into(),
-                    what: "the text to tokenize",
+                    what: "the text to tokenize; or `messages` for a chat",
+                }))
+            }
+            _ => {
+                return Err(ApiError::from(ValidationError::Unsupported {
+                    field: "prompt".into(),
+                    message: "give either `prompt` or `messages` (with `add_generation_prompt`), \
+                              not both"
+                        .into(),
                 }))
             }
         };
