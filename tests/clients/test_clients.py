@@ -247,12 +247,13 @@ def tritonclient_http(s, c, _):
     assert t.is_model_ready(MODEL)
     meta = t.get_model_metadata(MODEL)
     assert meta["inputs"][0]["name"] == "text_input", meta
-    headers = {"Authorization": f"Bearer {KEY}"}
+    # A fresh dict per call: tritonclient adds its binary-extension header to the one passed.
+    auth = {"Authorization": f"Bearer {KEY}"}
     inp = triton.InferInput("text_input", [2], "BYTES")
     inp.set_data_from_numpy(np.array(["Hello", "Goodbye"], dtype=object), binary_data=False)
     params = {"max_tokens": 4, "temperature": 0}
     out = [triton.InferRequestedOutput("text_output", binary_data=False)]
-    r = t.infer(MODEL, [inp], outputs=out, parameters=params, headers=headers, request_id="r1")
+    r = t.infer(MODEL, [inp], outputs=out, parameters=params, headers=dict(auth), request_id="r1")
     texts = r.as_numpy("text_output")
     assert texts.shape == (2,), texts
     assert r.get_response()["id"] == "r1", r.get_response()
@@ -261,13 +262,16 @@ def tritonclient_http(s, c, _):
         st, _, g = post(s, f"/v2/models/{MODEL}/generate",
                         {"text_input": prompt, "parameters": params})
         assert st == 200 and g["text_output"] == text, (g, text)
-    # Without requested outputs the client asks for binary output; the JSON answer still reads.
-    r = t.infer(MODEL, [inp], parameters=params, headers=headers)
-    assert r.as_numpy("text_output").shape == (2,)
+    # tritonclient's defaults: the input in binary form, binary output asked for (the JSON
+    # answer still reads).
+    binp = triton.InferInput("text_input", [2], "BYTES")
+    binp.set_data_from_numpy(np.array(["Hello", "Goodbye"], dtype=object))
+    r = t.infer(MODEL, [binp], parameters=params, headers=dict(auth))
+    assert list(r.as_numpy("text_output")) == list(texts), (r.as_numpy("text_output"), texts)
     bad = triton.InferInput("prompt", [1], "BYTES")
     bad.set_data_from_numpy(np.array(["x"], dtype=object), binary_data=False)
     try:
-        t.infer(MODEL, [bad], headers=headers)
+        t.infer(MODEL, [bad], headers=dict(auth))
         raise AssertionError("a wrong input name was accepted")
     except InferenceServerException as e:
         assert "text_input" in str(e), e

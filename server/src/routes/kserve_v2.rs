@@ -52,10 +52,7 @@ pub fn routes() -> (Router<AppState>, Router<AppState>) {
             "/v2/models/{name}/generate_stream",
             post(generate_at::<OipGenerate<true>>),
         )
-        .route(
-            "/v2/models/{name}/infer",
-            post(generate_at::<infer::OipInfer>),
-        );
+        .route("/v2/models/{name}/infer", post(infer::infer));
     (open, generation)
 }
 

@@ -1055,4 +1055,39 @@ async fn v2_infer_takes_and_gives_bytes_tensors() {
     let a = call(&s, "POST", "/v2/models/other/infer", &body.to_string()).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert!(a.json()["error"].is_string());
+    // The binary tensor data extension, as tritonclient sends it by default.
+    let head = json!({
+        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 16}}],
+        "parameters": {"max_tokens": 4, "temperature": 0, "binary_data_output": true},
+    })
+    .to_string();
+    let mut raw = head.clone().into_bytes();
+    for p in ["Hello", "Bye"] {
+        raw.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        raw.extend_from_slice(p.as_bytes());
+    }
+    let binary = |raw: Vec<u8>, len: usize| {
+        Request::builder()
+            .method("POST")
+            .uri(&path)
+            .header("inference-header-content-length", len.to_string())
+            .body(Body::from(raw))
+            .unwrap()
+    };
+    let a = send(&s, binary(raw.clone(), head.len())).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.json()["outputs"][0]["data"], out["data"]);
+    let a = send(&s, binary(raw[..raw.len() - 1].to_vec(), head.len())).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.text);
+    assert!(
+        error_message(&a.json()).contains("binary_data_size"),
+        "{}",
+        a.text
+    );
+    let a = send(&s, binary(raw.clone(), head.len() + 100)).await;
+    assert!(
+        error_message(&a.json()).contains("inference-header-content-length"),
+        "{}",
+        a.text
+    );
 }

@@ -17,18 +17,154 @@ answers
 `text_input` holds one prompt per element (`shape` `[n]` or `[n, 1]`, `n` up to
 `--max-instances`); `text_output` has the same shape, one completion per prompt. The
 generation parameters are the request's `parameters`, as on `generate`; `binary_data_output`
-is accepted and the answer is JSON anyway (which Triton's clients read). Tensors in binary
-form (the binary data extension) are refused: clients must send JSON (`binary_data=False`).
+is accepted and the answer is JSON anyway (which Triton's clients read).
+
+A body in the binary tensor data extension (an `Inference-Header-Content-Length` header,
+the JSON part, then the tensors' bytes: what `tritonclient` sends by default) is first turned
+into its JSON form ([`infer`]), then takes the one pipeline like any other.
 */
 
+use axum::body::Body;
+use axum::extract::Path;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::Response;
 use serde_json::{json, Map, Value};
 
 use super::OipGenerate;
-use crate::error::Wire;
+use crate::error::{ApiError, Wire};
 use crate::generation::Generation;
 use crate::params::json::{read_bool, read_string};
-use crate::params::{describe, Dialect, Limits, ParamsReader, ValidationError};
-use crate::pipeline::{Outcome, Protocol};
+use crate::params::{describe, parse_body, Dialect, Limits, ParamsReader, ValidationError};
+use crate::pipeline::{generate_at, Outcome, Protocol, RequestContext};
+
+/// The binary tensor data extension's header: the length of the body's JSON part.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// `POST /v2/models/{name}/infer`: [`OipInfer`] through the pipeline, after turning a body
+/// in the binary tensor data extension into JSON. Such a body is read (413 past
+/// `--body-limit`) before the model and admission are checked.
+pub async fn infer(
+    ctx: RequestContext,
+    model: Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(len) = headers.get(HEADER_LENGTH) else {
+        return generate_at::<OipInfer>(ctx, model, body).await;
+    };
+    match binary_to_json(len, body, ctx.state.config().body_limit).await {
+        Ok(json) => generate_at::<OipInfer>(ctx, model, Body::from(json)).await,
+        Err(e) => e.into_response(Wire::Oip),
+    }
+}
+
+fn binary_error(field: String, message: String) -> ApiError {
+    ValidationError::Unsupported { field, message }.into()
+}
+
+/// The JSON form of a binary-extension body: each input's `binary_data_size` bytes become its
+/// `data` (BYTES elements: a 4-byte little-endian length, then the bytes).
+async fn binary_to_json(len: &HeaderValue, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let n: usize = len
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| {
+            binary_error(
+                HEADER_LENGTH.into(),
+                "must be the length in bytes of the body's JSON part".into(),
+            )
+        })?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::PayloadTooLarge {
+                limit: limit as u64,
+            }
+        } else {
+            ApiError::BadBody(e.to_string())
+        }
+    })?;
+    if n > bytes.len() {
+        return Err(binary_error(
+            HEADER_LENGTH.into(),
+            format!("is {n} but the body has only {} bytes", bytes.len()),
+        ));
+    }
+    let (head, mut rest) = bytes.split_at(n);
+    let mut doc = parse_body(head)?;
+    if let Some(Value::Array(inputs)) = doc.get_mut("inputs") {
+        for (i, input) in inputs.iter_mut().enumerate() {
+            let Some(size) = input.pointer("/parameters/binary_data_size") else {
+                continue;
+            };
+            let field = format!("inputs[{i}].parameters.binary_data_size");
+            let size = size
+                .as_u64()
+                .and_then(|s| usize::try_from(s).ok())
+                .filter(|&s| s <= rest.len())
+                .ok_or_else(|| {
+                    binary_error(
+                        field.clone(),
+                        format!(
+                            "must be at most the {} bytes of binary data left",
+                            rest.len()
+                        ),
+                    )
+                })?;
+            if input["datatype"] != "BYTES" {
+                return Err(binary_error(
+                    format!("inputs[{i}].datatype"),
+                    "`text_input` is a BYTES tensor".into(),
+                ));
+            }
+            let (data, tail) = rest.split_at(size);
+            rest = tail;
+            input["data"] = json!(bytes_elements(data, i)?);
+            let emptied = match input.get_mut("parameters") {
+                Some(Value::Object(p)) => {
+                    p.remove("binary_data_size");
+                    p.is_empty()
+                }
+                _ => false,
+            };
+            if let (true, Some(o)) = (emptied, input.as_object_mut()) {
+                o.remove("parameters");
+            }
+        }
+    }
+    if !rest.is_empty() {
+        return Err(binary_error(
+            "inputs".into(),
+            format!(
+                "{} bytes of binary data follow the tensors the inputs' `binary_data_size` name",
+                rest.len()
+            ),
+        ));
+    }
+    serde_json::to_vec(&doc).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// The elements of a serialized BYTES tensor, as UTF-8 strings.
+fn bytes_elements(mut data: &[u8], input: usize) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let field = format!("inputs[{input}].data[{}]", out.len());
+        let broken = || binary_error(field.clone(), "the BYTES tensor's data is truncated".into());
+        let (len, tail) = data.split_first_chunk::<4>().ok_or_else(broken)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(broken());
+        }
+        let (s, tail) = tail.split_at(len);
+        let s = std::str::from_utf8(s)
+            .map_err(|_| binary_error(field.clone(), "the prompt is not valid UTF-8".into()))?;
+        out.push(s.to_owned());
+        data = tail;
+    }
+    Ok(out)
+}
 
 /// A parsed infer body.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,8 +198,8 @@ fn unsupported(field: String, message: &str) -> ValidationError {
     }
 }
 
-const BINARY: &str = "binary tensor data is not supported: send tensors as JSON (tritonclient: \
-                      `binary_data=False`)";
+const BINARY: &str = "binary tensor data needs the `Inference-Header-Content-Length` header \
+                      (the length of the JSON part), or send the tensor as JSON";
 
 impl Protocol for OipInfer {
     const WIRE: Wire = Wire::Oip;
@@ -343,7 +479,7 @@ mod tests {
             ),
             (
                 json!({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}}]}),
-                "binary_data=False",
+                "Inference-Header-Content-Length",
             ),
             (
                 json!({"inputs": input(json!([5]), json!(["a", "b", "c", "d", "e"]))}),
