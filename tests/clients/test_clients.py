@@ -39,13 +39,13 @@ def free_port():
 
 
 class Server:
-    def __init__(self, binary):
+    def __init__(self, binary, extra=()):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="gptj-clients-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [binary, "serve", "--model", "builtin:tiny", "--host", "127.0.0.1",
-             "--port", str(self.port), "--api-key", KEY, "--chat-template", TEMPLATE],
+             "--port", str(self.port), "--api-key", KEY, "--chat-template", TEMPLATE, *extra],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
 
@@ -277,6 +277,28 @@ def tritonclient_http(s, c, _):
         assert "text_input" in str(e), e
 
 
+def timeouts_are_not_retried(binary):
+    """The openai SDK retries 5xx twice by default; a 504 carries `x-should-retry: false`, so
+    the request that timed out runs once."""
+    s = Server(binary, ["--request-timeout", "1s"])
+    try:
+        s.wait_ready()
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key=KEY)  # default retries
+        try:
+            c.completions.create(model=MODEL, prompt="a", max_tokens=2000, extra_body={"ignore_eos": True})
+            raise AssertionError("a 2000-token request finished within 1s")
+        except openai.InternalServerError as e:
+            assert e.status_code == 504 and e.code == "timeout", e.body
+        with urllib.request.urlopen(s.base + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        timeouts = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                       if line.startswith("gptj_request_failed_total{") and 'reason="timeout"' in line)
+        assert timeouts == 1, f"{timeouts} timed-out requests: the SDK retried"
+    finally:
+        s.stop()
+        os.unlink(s.log.name)
+
+
 def main():
     binary = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "debug", "gptj")
     started = time.time()
@@ -300,12 +322,20 @@ def main():
         failed.append("setup")
         print(f"FAIL  setup\n{traceback.format_exc()}")
     finally:
-        signal.alarm(0)
         server.stop()
+    t0 = time.time()
+    try:
+        timeouts_are_not_retried(binary)
+        print(f"ok    timeouts_are_not_retried ({time.time() - t0:.1f}s)")
+    except Exception:  # noqa: BLE001
+        failed.append("timeouts_are_not_retried")
+        print(f"FAIL  timeouts_are_not_retried\n{traceback.format_exc()}")
+    signal.alarm(0)
     if failed:
         print(f"server log (tail):\n{server.logs()}")
     os.unlink(server.log.name)
-    print(f"{len(CHECKS) - len([f for f in failed if f != 'setup'])}/{len(CHECKS)} client checks passed "
+    total = len(CHECKS) + 1
+    print(f"{total - len([f for f in failed if f != 'setup'])}/{total} client checks passed "
           f"in {time.time() - started:.1f}s")
     sys.exit(1 if failed else 0)
 
