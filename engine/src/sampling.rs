@@ -92,6 +92,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     eos_token_id: u32,
+    /// Other ids that end the sequence (a request's stop token ids): banned like EOS until
+    /// `min_new_tokens`.
+    stop_token_ids: Vec<u32>,
     allowed_vocab: usize,
     rng: ChaCha8Rng,
     /// Processed scores of the current row (vocab-sized, reused).
@@ -106,11 +109,19 @@ impl Sampler {
         Self {
             params: params.clone(),
             eos_token_id,
+            stop_token_ids: Vec::new(),
             allowed_vocab,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             scores: Vec::new(),
             candidates: Vec::new(),
         }
+    }
+
+    /// Ids besides EOS that end the sequence when produced, so that the minimum length
+    /// holds them back as it holds back EOS (vLLM's `min_tokens` with `stop_token_ids`).
+    pub fn with_stop_token_ids(mut self, ids: &[u32]) -> Self {
+        self.stop_token_ids = ids.to_vec();
+        self
     }
 
     /// The parameters this sampler applies.
@@ -160,8 +171,11 @@ impl Sampler {
             }
         }
         if generated < self.params.min_new_tokens {
-            if let Some(s) = self.scores.get_mut(self.eos_token_id as usize) {
-                *s = f32::NEG_INFINITY;
+            let ends = std::iter::once(&self.eos_token_id).chain(&self.stop_token_ids);
+            for &id in ends {
+                if let Some(s) = self.scores.get_mut(id as usize) {
+                    *s = f32::NEG_INFINITY;
+                }
             }
         }
         if let Some(banned) = self.scores.get_mut(self.allowed_vocab..) {
@@ -406,6 +420,20 @@ mod tests {
         assert_eq!(s.sample(&logits, &[], 1), 2);
         assert_eq!(s.sample(&logits, &[], 2), EOS);
         assert_eq!(processed(params, 5, &logits, &[], 1)[EOS as usize], NEG);
+    }
+
+    #[test]
+    fn min_new_tokens_suppresses_stop_token_ids_too() {
+        let params = SamplingParams {
+            min_new_tokens: 1,
+            ..greedy()
+        };
+        let logits = [0.0, 8.0, 2.0, 9.0, 0.0];
+        let mut s = Sampler::new(&params, EOS, 5).with_stop_token_ids(&[1]);
+        assert_eq!(s.sample(&logits, &[], 0), 2);
+        assert_eq!(s.sample(&logits, &[], 1), EOS);
+        let mut s = Sampler::new(&params, EOS, 5);
+        assert_eq!(s.sample(&logits, &[], 0), 1);
     }
 
     #[test]

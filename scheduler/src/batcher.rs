@@ -140,7 +140,8 @@ impl<M: Model> Batcher<M> {
         } = job;
         let tokenizer = self.model.tokenizer();
         let output = TextOutput::new(tokenizer.decoder(), request.stop);
-        let sampler = Sampler::new(&request.params, self.eos_token_id, self.allowed_vocab);
+        let sampler = Sampler::new(&request.params, self.eos_token_id, self.allowed_vocab)
+            .with_stop_token_ids(&request.stop_token_ids);
         let prompt_len = request.prompt_ids.len();
         let seq = Sequence {
             id,
@@ -153,6 +154,7 @@ impl<M: Model> Batcher<M> {
             tokens: request.prompt_ids,
             prompt_len,
             max_new_tokens: request.max_new_tokens,
+            stop_token_ids: request.stop_token_ids,
             sampler,
             output,
             events,
@@ -519,6 +521,12 @@ fn emit_token(seq: &mut Sequence, logits: &[f32], eos: u32, now: Instant) -> Opt
             metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
                 .record(now.saturating_duration_since(seq.submitted).as_secs_f64());
         }
+    }
+    if seq.stop_token_ids.contains(&id) {
+        // Like end-of-text: the sequence ends here and the token's own text is not emitted.
+        let text = seq.output.finish();
+        let _ = seq.events.send(JobEvent::Token { id, text });
+        return Some(FinishReason::Stop);
     }
     let (mut text, mut reason) = match seq.output.push(id) {
         Pushed::Text(text) => (text, None),

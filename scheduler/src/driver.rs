@@ -303,6 +303,16 @@ impl SchedulerHandle {
                 l.vocab_size
             )));
         }
+        if let Some(bad) = job
+            .stop_token_ids
+            .iter()
+            .find(|&&id| id as usize >= l.vocab_size)
+        {
+            return Err(SubmitError::Invalid(format!(
+                "stop token id {bad} is outside the vocabulary (size {})",
+                l.vocab_size
+            )));
+        }
         if job.stop.iter().any(String::is_empty) {
             return Err(SubmitError::Invalid(
                 "stop strings must not be empty".into(),

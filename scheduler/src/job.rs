@@ -18,6 +18,10 @@ pub struct JobRequest {
     /// Stop as soon as the generated text contains one of these (finish reason
     /// [`FinishReason::StopSequence`]); the stop string's text is not emitted.
     pub stop: Vec<String>,
+    /// Stop when one of these token ids is generated (finish reason [`FinishReason::Stop`],
+    /// as end-of-text); the token's text is not emitted. Held back until
+    /// `params.min_new_tokens`, as end-of-text is.
+    pub stop_token_ids: Vec<u32>,
     /// Who is asking (the API key, or a header a trusted gateway sets), for fair sharing.
     /// `None` is one shared anonymous tenant.
     pub tenant: Option<String>,
@@ -43,6 +47,7 @@ impl JobRequest {
             params: SamplingParams::default(),
             max_new_tokens,
             stop: Vec::new(),
+            stop_token_ids: Vec::new(),
             tenant: None,
             subtenant: None,
             cache_salt: None,

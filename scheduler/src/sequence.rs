@@ -49,6 +49,8 @@ pub(crate) struct Sequence {
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     pub max_new_tokens: usize,
+    /// Token ids that end the sequence ([`crate::JobRequest::stop_token_ids`]).
+    pub stop_token_ids: Vec<u32>,
     pub sampler: Sampler,
     pub output: TextOutput,
     pub events: UnboundedSender<JobEvent>,

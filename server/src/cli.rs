@@ -176,6 +176,11 @@ pub struct HttpArgs {
     /// single-tenant deployments).
     #[arg(long, env = "GPTJ_PREFIX_CACHE_SCOPE", value_enum, default_value_t = CacheScope::Tenant)]
     pub prefix_cache_scope: CacheScope,
+    /// A Jinja chat template (HuggingFace's `chat_template` convention) for the chat
+    /// completions routes, e.g. assets/chat-template.jinja. Default: the `chat_template` of a
+    /// model directory's tokenizer_config.json; without either, chat requests get 400.
+    #[arg(long, env = "GPTJ_CHAT_TEMPLATE")]
+    pub chat_template: Option<std::path::PathBuf>,
 }
 
 /// Everything `gptj generate` takes.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::http::HeaderName;
 
 use crate::api_keys::{ApiKeys, BadApiKey};
+use crate::chat_template::ChatTemplate;
 use crate::cli::{CacheScope, ServeArgs};
 use crate::params::{Defaults, DefaultsError, Limits};
 
@@ -41,6 +42,9 @@ pub enum ConfigError {
     /// `--host` is not an IP address.
     #[error("--host `{0}` is not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::)")]
     Host(String),
+    /// The chat template cannot be read or compiled.
+    #[error("--chat-template: {0}")]
+    ChatTemplate(String),
     /// `PORT` is not a port number.
     #[error("the PORT environment variable `{0}` is not a port number")]
     Port(String),
@@ -72,6 +76,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Header naming the tenant.
     pub tenant_header: HeaderName,
+    /// How chat messages become a prompt, if the server has a template.
+    pub chat_template: Option<ChatTemplate>,
     /// Whether the header names the tenant when no API key does.
     pub trust_tenant_header: bool,
     /// Whose requests share prefix-cache entries.
@@ -128,6 +134,15 @@ impl ServerConfig {
                 what: "> 0",
             });
         }
+        let chat_template = match (&h.chat_template, &args.model.model) {
+            (Some(path), _) => Some(ChatTemplate::from_file(path)),
+            (None, gptj_engine::ModelSpec::Dir(dir)) => {
+                ChatTemplate::from_model_dir(dir).transpose()
+            }
+            (None, _) => None,
+        }
+        .transpose()
+        .map_err(ConfigError::ChatTemplate)?;
         Ok(Self {
             model_name: h.model_name.clone(),
             model_description: args.model.model.to_string_lossy(),
@@ -148,6 +163,7 @@ impl ServerConfig {
                 keep_alive_timeout: nonzero("--keep-alive-timeout", h.keep_alive_timeout)?,
                 write_timeout: nonzero("--write-timeout", h.write_timeout)?,
             },
+            chat_template,
         })
     }
 }

@@ -19,8 +19,13 @@ and body of the route group's [`Wire`]:
 | internal | 500 | 500 | 500 |
 
 KServe and OIP bodies are `{"error": "<message>", "error_type": "<tag>"}`; OpenAI bodies are
-OpenAI's `{"error": {"message", "type", "param", "code"}}`. `error_type` is a stable
-snake_case tag, also the `reason` label of the rejection and failure metrics.
+OpenAI's `{"error": {"message", "type", "param", "code"}}`, with one of OpenAI's `type`s
+([`ApiError::openai_type`]) and the tag as `code`. The tag (`error_type`) is a stable
+snake_case word, also the `reason` label of the rejection and failure metrics.
+
+Errors that the same request would meet again (validation, 401, 404, 405, 413, 504) carry
+`x-should-retry: false`, which OpenAI's SDKs obey instead of their own rule (they retry every
+5xx, so a 504 would run the request twice more).
 
 The conversion has no side effects: the response carries an [`ErrorTag`] (and, for internal
 errors, the detail the client is not shown), which the request's log record reads, logs and
@@ -35,6 +40,9 @@ use axum::Json;
 use serde_json::json;
 
 use crate::params::ValidationError;
+
+/// The header OpenAI's SDKs read to decide whether to retry (it overrides their status rule).
+pub const SHOULD_RETRY: &str = "x-should-retry";
 
 /// The wire protocol of a route group: it decides status codes and error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +181,41 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's error `type` for this error: what OpenAI's API answers with the same status.
+    pub fn openai_type(&self) -> &'static str {
+        match self {
+            Self::Validation(_)
+            | Self::BadBody(_)
+            | Self::MethodNotAllowed { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::BodyTimeout(_) => "invalid_request_error",
+            Self::Unauthorized => "authentication_error",
+            Self::ModelNotFound(_) | Self::RouteNotFound { .. } => "not_found_error",
+            Self::Overloaded { .. } => "rate_limit_error",
+            Self::NotReady(_)
+            | Self::Draining
+            | Self::Cancelled
+            | Self::Timeout(_)
+            | Self::Generation(_) => "server_error",
+            Self::Internal(_) => "api_error",
+        }
+    }
+
+    /// Whether the same request sent again cannot succeed: `x-should-retry: false`.
+    pub fn retry_is_futile(&self) -> bool {
+        matches!(
+            self,
+            Self::Validation(_)
+                | Self::BadBody(_)
+                | Self::Unauthorized
+                | Self::ModelNotFound(_)
+                | Self::RouteNotFound { .. }
+                | Self::MethodNotAllowed { .. }
+                | Self::PayloadTooLarge { .. }
+                | Self::Timeout(_)
+        )
+    }
+
     /// The tag of this error for logs and metrics.
     pub fn tag(&self) -> ErrorTag {
         ErrorTag {
@@ -223,9 +266,9 @@ impl ApiError {
             Wire::OpenAi => json!({
                 "error": {
                     "message": self.public_message(),
-                    "type": self.error_type(),
+                    "type": self.openai_type(),
                     "param": self.param(),
-                    "code": self.status(wire).as_u16(),
+                    "code": self.error_type(),
                 }
             }),
             Wire::KserveV1 | Wire::Oip => {
@@ -242,8 +285,8 @@ impl ApiError {
         }
     }
 
-    /// The full response under `wire`: status, body, `Retry-After` or `WWW-Authenticate`
-    /// where they apply, and the [`ErrorTag`] extension.
+    /// The full response under `wire`: status, body, `Retry-After`, `WWW-Authenticate` or
+    /// `x-should-retry` where they apply, and the [`ErrorTag`] extension.
     pub fn into_response(self, wire: Wire) -> Response {
         let status = self.status(wire);
         let mut response = (status, Json(self.body(wire))).into_response();
@@ -260,6 +303,9 @@ impl ApiError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}
+        }
+        if self.retry_is_futile() {
+            headers.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
         }
         response.extensions_mut().insert(self.tag());
         if let Self::Internal(detail) = self {
@@ -309,8 +355,15 @@ mod tests {
     #[test]
     fn openai_body_shape() {
         let b = ApiError::Unauthorized.body(Wire::OpenAi);
-        assert_eq!(b["error"]["code"], 401);
-        assert_eq!(b["error"]["type"], "unauthorized");
+        assert_eq!(b["error"]["code"], "unauthorized");
+        assert_eq!(b["error"]["type"], "authentication_error");
+        let e = ApiError::Validation(ValidationError::EmptyInstances);
+        assert_eq!(
+            e.body(Wire::OpenAi)["error"]["type"],
+            "invalid_request_error"
+        );
+        let e = ApiError::ModelNotFound("m".into());
+        assert_eq!(e.body(Wire::OpenAi)["error"]["type"], "not_found_error");
         let b = ApiError::Unauthorized.body(Wire::KserveV1);
         assert!(b["error"].as_str().unwrap().contains("API key"));
     }
@@ -351,6 +404,22 @@ mod tests {
                 "{tag:?} is not in ERROR_TYPES"
             );
         }
+    }
+
+    #[test]
+    fn futile_retries_are_marked() {
+        let r = ApiError::Timeout(Duration::from_secs(1)).into_response(Wire::OpenAi);
+        assert_eq!(r.headers()[SHOULD_RETRY], "false");
+        let r = ApiError::PayloadTooLarge { limit: 1 }.into_response(Wire::KserveV1);
+        assert_eq!(r.headers()[SHOULD_RETRY], "false");
+        let r = ApiError::Draining.into_response(Wire::OpenAi);
+        assert!(r.headers().get(SHOULD_RETRY).is_none());
+        let r = ApiError::Overloaded {
+            retry_after: Duration::from_secs(1),
+            detail: String::new(),
+        }
+        .into_response(Wire::OpenAi);
+        assert!(r.headers().get(SHOULD_RETRY).is_none());
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub fn job(
         params: plan.sampling_for(j),
         max_new_tokens: plan.max_new_tokens,
         stop: plan.stop.clone(),
+        stop_token_ids: plan.stop_token_ids.clone(),
         tenant: tenancy.tenant.clone(),
         subtenant: tenancy.subtenant.clone(),
         cache_salt: tenancy.cache_salt(plan.cache_salt.as_deref()),

@@ -23,6 +23,7 @@ subcommands; their flags are in [`cli`] (the ones shared with `gptj bench` in `g
 
 pub mod api_keys;
 pub mod auth;
+pub mod chat_template;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -53,6 +53,13 @@ pub trait Protocol: Send + Sync + 'static {
     /// Parses a JSON body (everything that does not need the tokenizer).
     fn parse(body: &Map<String, Value>, limits: Limits) -> Result<Self::Request, ValidationError>;
 
+    /// Finishes a parsed request with what needs the server's settings (the chat template
+    /// turning messages into the prompt); errors are answered as parse errors are.
+    fn prepare(req: &mut Self::Request, config: &ServerConfig) -> Result<(), ApiError> {
+        let _ = (req, config);
+        Ok(())
+    }
+
     /// What the request asks to generate.
     fn generation(req: &Self::Request) -> &Generation;
 
@@ -232,7 +239,7 @@ pub fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
 /// Reads the whole body, at most `limit` bytes within `timeout`. The content type is not
 /// checked: `curl -d` sends `application/x-www-form-urlencoded`, and the seed's commands must
 /// work as they are.
-async fn read_json(
+pub async fn read_json(
     body: Body,
     limit: usize,
     timeout: std::time::Duration,
@@ -272,7 +279,8 @@ async fn run<P: Protocol>(
     let (guard, backend) = state.admit()?;
     let config = state.config();
     let body = read_json(body, config.body_limit, config.body_read_timeout).await?;
-    let req = P::parse(&body, config.limits())?;
+    let mut req = P::parse(&body, config.limits())?;
+    P::prepare(&mut req, config)?;
     let generation = P::generation(&req);
     if let Some(m) = &generation.model {
         check_model(&state, m)?;

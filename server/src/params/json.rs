@@ -167,6 +167,34 @@ pub fn read_stop(field: &str, v: &Value) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Most token ids in one `stop_token_ids`.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+
+/// An array of at most [`MAX_STOP_TOKEN_IDS`] token ids (integers in `[0, u32::MAX]`).
+pub fn read_token_ids(field: &str, v: &Value) -> Result<Vec<u32>> {
+    let Value::Array(items) = v else {
+        return Err(ValidationError::WrongType {
+            field: field.into(),
+            expected: "an array of token ids (integers >= 0)",
+            got: describe(v),
+        });
+    };
+    if items.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ValidationError::OutOfRange {
+            field: field.into(),
+            range: format!("at most {MAX_STOP_TOKEN_IDS} token ids"),
+            value: format!("{} token ids", items.len()),
+        });
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            read_uint(&format!("{field}[{i}]"), item, 0, u64::from(u32::MAX)).map(|n| n as u32)
+        })
+        .collect()
+}
+
 /// Every element of `items` (the array at `field`) as a string; `expected` says what each
 /// must be in the message.
 pub fn read_strings(field: &str, items: &[Value], expected: &'static str) -> Result<Vec<String>> {

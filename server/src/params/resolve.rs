@@ -144,7 +144,11 @@ impl Defaults {
             });
         }
         let min = self.min_bound(p, prompt_tokens);
-        let min_new = if min.tokens > max.tokens {
+        let min_new = if p.ignore_eos == Some(true) {
+            // End-of-text is suppressed until the maximum, so only the maximum (or a stop
+            // string or token) ends the sequence.
+            max.tokens
+        } else if min.tokens > max.tokens {
             if max.explicit() || min.explicit() {
                 return Err(ValidationError::MinOverMax {
                     at: at.into(),
@@ -178,6 +182,7 @@ impl Defaults {
             seeds,
             max_new_tokens: max.tokens,
             stop: p.stop.clone().unwrap_or_default(),
+            stop_token_ids: p.stop_token_ids.clone().unwrap_or_default(),
             return_full_text: self.return_full_text(p),
             cache_salt: p.cache_salt.clone(),
         })
@@ -266,6 +271,8 @@ pub struct Plan {
     pub max_new_tokens: usize,
     /// Stop strings (generation ends when the text contains one; it is not returned).
     pub stop: Vec<String>,
+    /// Token ids that end generation when produced (their text is not returned).
+    pub stop_token_ids: Vec<u32>,
     /// Whether the returned text starts with the prompt.
     pub return_full_text: bool,
     /// The request's prefix-cache salt.
@@ -376,6 +383,23 @@ mod tests {
         let d = defaults(&["--min-new-tokens", "40", "--max-new-tokens", "30"]);
         let plan = resolve(&d, &RequestParams::default(), 5, "i").unwrap();
         assert_eq!(plan.sampling.min_new_tokens, 30);
+    }
+
+    #[test]
+    fn ignore_eos_runs_to_the_maximum() {
+        let d = defaults(&["--max-new-tokens", "40"]);
+        let p = params(json!({"ignore_eos": true, "min_new_tokens": 3}));
+        let plan = resolve(&d, &p, 5, "i").unwrap();
+        assert_eq!(
+            (plan.max_new_tokens, plan.sampling.min_new_tokens),
+            (40, 40)
+        );
+        let p = params(json!({"ignore_eos": true, "max_length": 25}));
+        assert_eq!(resolve(&d, &p, 5, "i").unwrap().sampling.min_new_tokens, 20);
+        let p = params(json!({"ignore_eos": false, "stop_token_ids": [7, 9]}));
+        let plan = resolve(&d, &p, 5, "i").unwrap();
+        assert_eq!(plan.sampling.min_new_tokens, 0);
+        assert_eq!(plan.stop_token_ids, vec![7, 9]);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use serde_json::{Map, Value};
 
-use super::json::{read_bool, read_float, read_stop, read_string, read_uint};
+use super::json::{read_bool, read_float, read_stop, read_string, read_token_ids, read_uint};
 use super::ValidationError;
 use crate::cli::GenerationArgs;
 
@@ -51,6 +51,10 @@ pub struct RequestParams {
     pub return_full_text: Option<bool>,
     /// The request's prefix-cache salt.
     pub cache_salt: Option<String>,
+    /// End-of-text does not end the sequence: it runs to its maximum (vLLM's `ignore_eos`).
+    pub ignore_eos: Option<bool>,
+    /// Token ids that end the sequence when generated (vLLM's `stop_token_ids`).
+    pub stop_token_ids: Option<Vec<u32>>,
 }
 
 /// Limits that depend on the server's flags.
@@ -96,6 +100,12 @@ pub enum Kind {
     Text {
         /// Stores the value.
         store: fn(&mut RequestParams, String),
+    },
+    /// An array of token ids ([`read_token_ids`]'s rules; the vocabulary is checked when
+    /// the job is submitted).
+    TokenIds {
+        /// Stores the value.
+        store: fn(&mut RequestParams, Vec<u32>),
     },
 }
 
@@ -211,6 +221,10 @@ pub const PARAMETERS: &[Param] = &[
     Param::text("cache_salt", |p, v| p.cache_salt = Some(v)).doc(
         "vLLM's prefix-cache salt: the request reuses cached prompt prefixes only of requests with the same salt (and tenant)",
     ),
+    Param::bool("ignore_eos", |p, v| p.ignore_eos = Some(v))
+        .doc("keep generating past end-of-text, up to the maximum (vLLM's; `true` sets the minimum to the maximum)"),
+    Param::token_ids("stop_token_ids", |p, v| p.stop_token_ids = Some(v))
+        .doc("token ids (up to 64, each in the vocabulary) that end generation when produced; the token's text is not returned (vLLM's)"),
 ];
 
 /// The parameter named `name` in the table.
@@ -258,6 +272,10 @@ impl Param {
         Self::new(name, Kind::Text { store })
     }
 
+    const fn token_ids(name: &'static str, store: fn(&mut RequestParams, Vec<u32>)) -> Self {
+        Self::new(name, Kind::TokenIds { store })
+    }
+
     /// The flag that sets the default, and how to read its value from the parsed flags.
     const fn default(
         self,
@@ -287,6 +305,7 @@ impl Param {
             Kind::Bool { .. } => "a boolean".to_owned(),
             Kind::Stop { .. } => "a string or an array of strings".to_owned(),
             Kind::Text { .. } => format!("a string of 1 to {MAX_TEXT_LEN} bytes"),
+            Kind::TokenIds { .. } => "an array of integers >= 0".to_owned(),
         }
     }
 
@@ -324,6 +343,7 @@ impl Param {
                 }
                 store(p, text.to_owned())
             }
+            Kind::TokenIds { store } => store(p, read_token_ids(field, v)?),
         }
         Ok(())
     }
@@ -572,6 +592,26 @@ mod tests {
                 "boolean",
             ),
             (json!({"stop": [1]}), "parameters.stop[0]", "string"),
+            (
+                json!({"stop_token_ids": 5}),
+                "parameters.stop_token_ids",
+                "an array",
+            ),
+            (
+                json!({"stop_token_ids": [1, -2]}),
+                "parameters.stop_token_ids[1]",
+                "[0, 4294967295]",
+            ),
+            (
+                json!({"stop_token_ids": vec![1; 65]}),
+                "parameters.stop_token_ids",
+                "at most 64",
+            ),
+            (
+                json!({"ignore_eos": "yes"}),
+                "parameters.ignore_eos",
+                "boolean",
+            ),
             (json!({"stop": ""}), "parameters.stop[0]", "non-empty"),
             (
                 json!({"temprature": 1}),

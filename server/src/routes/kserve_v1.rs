@@ -6,6 +6,11 @@ KServe V1, the seed's API.
 - `GET /v1/models/{name}`: `{"name", "ready": true}` once the model is loaded and warm; 503
   `{"error": "Model with name <name> is not ready."}` before that and while draining; 404
   for another name.
+
+These two paths are also OpenAI's `models.list` and `models.retrieve` for a client whose base
+URL is `/v1`, so their answers carry OpenAI's fields too (`object`, `data`; `id`, `created`,
+`owned_by`): extra fields a KServe client ignores. Their errors stay KServe's, and they need
+no key.
 - `POST /v1/models/{name}:predict` with `{"instances": [...], "parameters": {...}}`: one
   instance answers `{"predictions": [{"generated_text": ...}]}`, several answer
   `{"predictions": [[{...}], [{...}]]}` (one list per instance, `num_return_sequences`
@@ -47,13 +52,21 @@ async fn live(State(state): State<AppState>) -> Response {
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"models": [state.config().model_name]}))
+    let name = &state.config().model_name;
+    Json(json!({
+        "models": [name],
+        "object": "list",
+        "data": [super::openai::model_object(name)],
+    }))
 }
 
 async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let result = check_model(&state, &name).and_then(|()| {
         if state.is_ready() {
-            Ok(Json(json!({"name": name, "ready": true})).into_response())
+            let mut v = super::openai::model_object(&name);
+            v["name"] = json!(name);
+            v["ready"] = json!(true);
+            Ok(Json(v).into_response())
         } else {
             Err(ApiError::NotReady(name.clone()))
         }

@@ -6,6 +6,8 @@ Open Inference Protocol (KServe V2): health, metadata, and the generate extensio
 - `GET /v2/models/{name}`: model metadata; `GET /v2/models/{name}/ready`.
 - `POST /v2/models/{name}/generate` with `{"text_input": "...", "parameters": {...}}`:
   `{"model_name", "text_output", "finish_reason", "usage"}`.
+- `POST /v2/models/{name}/infer`: OIP's own inference route, BYTES tensors `text_input` in and
+  `text_output` out ([`infer`]).
 - `POST /v2/models/{name}/generate_stream`: SSE; each event is
   `{"model_name", "text_output": "<piece>", "done": false}`, the last one has
   `"done": true`, `finish_reason` and `usage`. No `[DONE]` sentinel.
@@ -13,6 +15,8 @@ Open Inference Protocol (KServe V2): health, metadata, and the generate extensio
 Status codes follow the extension: 422 for validation, 424 when generation fails, 429 when
 overloaded, 503 while loading or draining.
 */
+
+pub mod infer;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -47,7 +51,8 @@ pub fn routes() -> (Router<AppState>, Router<AppState>) {
         .route(
             "/v2/models/{name}/generate_stream",
             post(generate_at::<OipGenerate<true>>),
-        );
+        )
+        .route("/v2/models/{name}/infer", post(infer::infer));
     (open, generation)
 }
 

@@ -3,9 +3,10 @@ The HTTP routes: one module per protocol, and the app that joins them.
 
 - [`kserve_v1`]: the seed's API (`GET /`, `/v1/models`, `/v1/models/{name}`,
   `POST /v1/models/{name}:predict`);
-- [`kserve_v2`]: Open Inference Protocol health and metadata, and the generate extension
-  (`/v2/models/{name}/generate`, `/generate_stream`);
-- [`openai`]: `/openai/v1/completions` (with `stream`) and `/openai/v1/models`;
+- [`kserve_v2`]: Open Inference Protocol health and metadata, `/v2/models/{name}/infer`, and
+  the generate extension (`/v2/models/{name}/generate`, `/generate_stream`);
+- [`openai`]: `/openai/v1/completions` and `/openai/v1/chat/completions` (with `stream`; also
+  at `/v1/...`), `/openai/v1/models`, and vLLM's `/tokenize` and `/detokenize`;
 - `GET /metrics`: Prometheus text.
 
 Each protocol hands over a group of routes with its [`Wire`]: the group's generation routes

@@ -1,8 +1,10 @@
 /*!
-OpenAI-compatible completions, mounted under `/openai` as KServe does.
+OpenAI-compatible completions, mounted under `/openai` as KServe does, and at OpenAI's own
+`/v1/completions`.
 
-- `GET /openai/v1/models`: `{"object": "list", "data": [{"id": "<name>", ...}]}`.
-- `POST /openai/v1/completions`: `prompt` (a string or an array of strings), `max_tokens`,
+- `GET /openai/v1/models`: `{"object": "list", "data": [{"id": "<name>", ...}]}`;
+  `GET /openai/v1/models/{id}`: that model object, 404 for another id.
+- `POST /openai/v1/completions` (and `/v1/completions`): `prompt` (a string or an array of strings), `max_tokens`,
   `temperature` (0 is greedy), `top_p`, `n`, `stop`, `seed`, `echo`, `stream`,
   `stream_options.include_usage`, plus the extensions `top_k`, `repetition_penalty`,
   `min_tokens`. Fields OpenAI defines that we do not implement (`logprobs`, `suffix`,
@@ -14,8 +16,12 @@ its `finish_reason` (never merged into a text chunk), then the usage chunk when
 `stream_options.include_usage` is set, then `data: [DONE]`.
 */
 
-use axum::extract::State;
+pub mod chat;
+pub mod tokenize;
+
+use axum::extract::{Path, State};
 use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gptj_scheduler::{FinishReason, Usage};
@@ -25,27 +31,48 @@ use crate::error::Wire;
 use crate::generation::Generation;
 use crate::params::json::{read_bool, read_float, read_string, read_strings, read_uint};
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
-use crate::pipeline::{generate, usage_json, Outcome, Protocol, Start};
+use crate::pipeline::{check_model, generate, usage_json, Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
 use crate::state::AppState;
 
-/// The OpenAI routes; all of them need a key, as OpenAI's own do.
+/// The OpenAI routes; all of them need a key, as OpenAI's own do. Generation routes are also
+/// at `/v1/...` (OpenAI's own paths, where clients configured with a bare host look); the
+/// model routes are not, since `/v1/models...` is KServe V1's, which answers in both shapes
+/// ([`super::kserve_v1`]).
 pub fn routes() -> Router<AppState> {
     super::group()
         .route("/openai/v1/models", get(list_models))
+        .route("/openai/v1/models/{id}", get(retrieve_model))
         .route("/openai/v1/completions", post(generate::<Completions>))
+        .route("/v1/completions", post(generate::<Completions>))
+        .route(
+            "/openai/v1/chat/completions",
+            post(generate::<chat::ChatCompletions>),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(generate::<chat::ChatCompletions>),
+        )
+        .merge(tokenize::routes())
+}
+
+/// The served model as OpenAI's `model` object.
+pub fn model_object(name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "gptj"})
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{
-            "id": state.config().model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "gptj",
-        }],
+        "data": [model_object(&state.config().model_name)],
     }))
+}
+
+async fn retrieve_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match check_model(&state, &id) {
+        Ok(()) => Json(model_object(&id)).into_response(),
+        Err(e) => e.into_response(Wire::OpenAi),
+    }
 }
 
 /// A parsed completions body.
@@ -93,6 +120,8 @@ impl Protocol for Completions {
             "seed",
             "stop",
             "cache_salt",
+            "ignore_eos",
+            "stop_token_ids",
         ]),
     };
     type Request = CompletionRequest;
@@ -127,16 +156,7 @@ impl Protocol for Completions {
                 "user" => {
                     read_string(f, v)?;
                 }
-                "presence_penalty" | "frequency_penalty" => {
-                    if read_float(f, v, "a number in [-2, 2]", |p| (-2.0..=2.0).contains(&p))?
-                        != 0.0
-                    {
-                        return Err(unsupported(
-                            f,
-                            "only 0 is supported; use `repetition_penalty` (HuggingFace's, > 0, 1 = off)",
-                        ));
-                    }
-                }
+                "presence_penalty" | "frequency_penalty" => refuse_penalty(f, v)?,
                 "logprobs" => return Err(unsupported(f, "log probabilities are not supported")),
                 "suffix" => return Err(unsupported(f, "suffixes (insertion) are not supported")),
                 "logit_bias" => {
@@ -224,6 +244,18 @@ impl Protocol for Completions {
             echo: echo.into_iter(),
         }))
     }
+}
+
+/// OpenAI's presence and frequency penalties: only 0.
+fn refuse_penalty(f: &str, v: &Value) -> Result<(), ValidationError> {
+    if read_float(f, v, "a number in [-2, 2]", |p| (-2.0..=2.0).contains(&p))? != 0.0 {
+        return Err(ValidationError::Unsupported {
+            field: f.into(),
+            message: "only 0 is supported; use `repetition_penalty` (HuggingFace's, > 0, 1 = off)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 fn completion_id(request_id: &str) -> String {

@@ -442,7 +442,7 @@ async fn admission_before_parsing_on_every_protocol() {
         );
         assert_eq!(a.headers["retry-after"], "5");
         let tag = if path.starts_with("/openai") {
-            a.json()["error"]["type"].clone()
+            a.json()["error"]["code"].clone()
         } else {
             a.json()["error_type"].clone()
         };
@@ -491,8 +491,10 @@ async fn keys_guard_generation_routes_only() {
     let s = ready(&["--api-key", "k"]);
     let a = call(&s, "POST", "/openai/v1/completions", "{}").await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(a.json()["error"]["type"], "unauthorized");
+    assert_eq!(a.json()["error"]["type"], "authentication_error");
+    assert_eq!(a.json()["error"]["code"], "unauthorized");
     assert_eq!(a.headers["www-authenticate"], "Bearer");
+    assert_eq!(a.headers["x-should-retry"], "false");
     assert_eq!(call(&s, "GET", "/openai/v1/models", "").await.status, 401);
     let a = call(&s, "POST", &format!("/v2/models/{MODEL}/generate"), "{}").await;
     assert_eq!(
@@ -529,7 +531,12 @@ async fn routes_methods_and_custom_verbs() {
     assert!(error_message(&a.json()).contains("/nope"));
     let a = call(&s, "POST", "/openai/v1/chat/nothing", "{}").await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
-    assert_eq!(a.json()["error"]["code"], 404, "OpenAI's shape: {}", a.text);
+    assert_eq!(
+        a.json()["error"]["type"],
+        "not_found_error",
+        "OpenAI's shape: {}",
+        a.text
+    );
     let a = call(&s, "DELETE", "/v1/models", "").await;
     assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(a.json()["error_type"], "method_not_allowed");
@@ -730,4 +737,428 @@ fn tenancy_follows_keys_and_trust() {
     let shared = loading(&["--api-key", "a", "--prefix-cache-scope", "shared"]);
     let t = tenancy(shared.config(), Some(crate::api_keys::KeyIndex(0)), None);
     assert_eq!((t.tenant.as_deref(), t.cache_scope), (Some("key-0"), None));
+}
+
+// Ecosystem: the routes and extensions other clients and harnesses send.
+
+/// A ready state over `model`.
+fn ready_with(model: FakeModel, extra: &[&str]) -> AppState {
+    let state = loading(extra);
+    let scheduler =
+        gptj_scheduler::spawn(model, gptj_scheduler::SchedulerConfig::default()).unwrap();
+    state.set_ready(Backend::new(scheduler, tokenizer().clone(), 2048));
+    state
+}
+
+/// The JSON of every `data:` line of an SSE body but `[DONE]`, and whether `[DONE]` ended it.
+fn sse_events(text: &str) -> (Vec<Value>, bool) {
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let done = data.last() == Some(&"[DONE]");
+    let events = data
+        .iter()
+        .filter(|d| **d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    (events, done)
+}
+
+const CHAT_TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/chat-template.jinja");
+
+#[tokio::test]
+async fn openai_paths_errors_and_models() {
+    let s = ready(&[]);
+    let body = r#"{"prompt": "Hello", "max_tokens": 3, "temperature": 0}"#;
+    let a = call(&s, "POST", "/v1/completions", body).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let b = call(&s, "POST", "/openai/v1/completions", body).await;
+    assert_eq!(a.json()["choices"], b.json()["choices"]);
+    // Errors under OpenAI paths are OpenAI's, with its types and gptj's tag as `code`.
+    let a = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "a", "top_p": 2}"#,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let e = &a.json()["error"];
+    assert_eq!(e["type"], "invalid_request_error", "{}", a.text);
+    assert_eq!(
+        (e["code"].as_str(), e["param"].as_str()),
+        (Some("validation"), Some("top_p"))
+    );
+    assert_eq!(a.headers["x-should-retry"], "false");
+    let a = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "a", "model": "gpt-4"}"#,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.json()["error"]["type"], "not_found_error");
+    let a = call(&s, "GET", "/v1/completions", "").await;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(a.json()["error"]["type"], "invalid_request_error");
+    // models.retrieve.
+    let a = call(&s, "GET", &format!("/openai/v1/models/{MODEL}"), "").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.json(),
+        json!({"id": MODEL, "object": "model", "created": 0, "owned_by": "gptj"})
+    );
+    let a = call(&s, "GET", "/openai/v1/models/gpt-4", "").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.json()["error"]["type"], "not_found_error");
+    // KServe V1's model routes answer in both shapes, KServe's first.
+    let v = call(&s, "GET", "/v1/models", "").await.json();
+    assert_eq!(v["models"], json!([MODEL]));
+    assert_eq!(
+        (v["object"].as_str(), v["data"][0]["id"].as_str()),
+        (Some("list"), Some(MODEL))
+    );
+    let v = call(&s, "GET", &format!("/v1/models/{MODEL}"), "")
+        .await
+        .json();
+    assert_eq!(
+        (v["name"].as_str(), v["ready"].as_bool()),
+        (Some(MODEL), Some(true))
+    );
+    assert_eq!(
+        (v["id"].as_str(), v["object"].as_str()),
+        (Some(MODEL), Some("model"))
+    );
+    let a = call(&s, "GET", "/v1/models/gpt-4", "").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.json()["error_type"], "not_found");
+}
+
+#[tokio::test]
+async fn ignore_eos_runs_past_end_of_text() {
+    // A model that always says end-of-text.
+    let s = ready_with(FakeModel::new(512, 16).with_rule(|_| 50256), &[]);
+    let ask =
+        |extra: &str| format!(r#"{{"prompt": "Hello", "max_tokens": 5, "temperature": 0{extra}}}"#);
+    let v = call(&s, "POST", "/v1/completions", &ask("")).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 1);
+    let v = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        &ask(r#", "ignore_eos": true"#),
+    )
+    .await
+    .json();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    // In KServe's `parameters` too, since it is in the one table.
+    let body = r#"{"instances": ["Hello"], "parameters": {"max_new_tokens": 4, "do_sample": false, "ignore_eos": true, "return_full_text": false}}"#;
+    let a = call(&s, "POST", &format!("/v1/models/{MODEL}:predict"), body).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.json()["predictions"][0]["generated_text"], "!!!!");
+}
+
+#[tokio::test]
+async fn stop_token_ids_end_generation() {
+    let s = ready_with(
+        FakeModel::new(512, 16).with_rule(|ctx| 100 + (ctx.len() % 3) as u32),
+        &[],
+    );
+    let prompt_len = tokenizer().encode("Hello world").unwrap().len();
+    let generated: Vec<u32> = (0..8)
+        .map(|i| 100 + ((prompt_len + i) % 3) as u32)
+        .collect();
+    let ask = |extra: &str| {
+        format!(r#"{{"prompt": "Hello world", "max_tokens": 8, "temperature": 0{extra}}}"#)
+    };
+    let v = call(&s, "POST", "/v1/completions", &ask("")).await.json();
+    assert_eq!(v["choices"][0]["text"], tokenizer().decode(&generated));
+    let at = generated.iter().position(|&t| t == 102).unwrap();
+    let v = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        &ask(r#", "stop_token_ids": [102]"#),
+    )
+    .await
+    .json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], at + 1);
+    assert_eq!(
+        v["choices"][0]["text"],
+        tokenizer().decode(&generated[..at])
+    );
+    // The minimum holds stop tokens back as it holds back end-of-text.
+    let v = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        &ask(r#", "stop_token_ids": [102], "min_tokens": 4"#),
+    )
+    .await
+    .json();
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((5..=7).contains(&n), "{v}");
+    let a = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        &ask(r#", "stop_token_ids": [60000]"#),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_message(&a.json()).contains("outside the vocabulary"),
+        "{}",
+        a.text
+    );
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize_in_vllms_shapes() {
+    let s = ready(&[]);
+    let ids = tokenizer().encode("Hello world").unwrap();
+    for prefix in ["", "/openai"] {
+        let a = call(
+            &s,
+            "POST",
+            &format!("{prefix}/tokenize"),
+            &json!({"model": MODEL, "prompt": "Hello world", "add_special_tokens": true})
+                .to_string(),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        assert_eq!(
+            a.json(),
+            json!({"count": ids.len(), "max_model_len": 2048, "tokens": ids})
+        );
+        let a = call(
+            &s,
+            "POST",
+            &format!("{prefix}/detokenize"),
+            &json!({"tokens": ids}).to_string(),
+        )
+        .await;
+        assert_eq!(a.json(), json!({"prompt": "Hello world"}), "{}", a.text);
+    }
+    let cases = [
+        ("/tokenize", json!({"prompt": 3}), 400, "`prompt`"),
+        ("/tokenize", json!({}), 400, "missing `prompt`"),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "messages": []}),
+            400,
+            "not both",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "a"}]}),
+            400,
+            "--chat-template",
+        ),
+        ("/tokenize", json!({"prompt": "a", "model": "x"}), 404, "x"),
+        (
+            "/detokenize",
+            json!({"tokens": [1, 50400]}),
+            400,
+            "tokens[1]",
+        ),
+        ("/detokenize", json!({"tokens": "a"}), 400, "`tokens`"),
+    ];
+    for (path, body, status, needle) in cases {
+        let a = call(&s, "POST", path, &body.to_string()).await;
+        assert_eq!(a.status.as_u16(), status, "{body}: {}", a.text);
+        assert!(
+            error_message(&a.json()).contains(needle),
+            "{body}: {}",
+            a.text
+        );
+        assert!(
+            a.json()["error"]["type"].is_string(),
+            "OpenAI's shape: {}",
+            a.text
+        );
+    }
+    // The chat form counts the template's prompt.
+    let chat = ready(&["--chat-template", CHAT_TEMPLATE]);
+    let ids = tokenizer().encode("User: Hi\nAssistant:").unwrap();
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]});
+    let a = call(&chat, "POST", "/tokenize", &body.to_string()).await;
+    assert_eq!(a.json()["tokens"], json!(ids), "{}", a.text);
+    let keyed = ready(&["--api-key", "k"]);
+    let a = call(&keyed, "POST", "/tokenize", r#"{"prompt": "a"}"#).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let a = call(&loading(&[]), "POST", "/tokenize", r#"{"prompt": "a"}"#).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn chat_completions_with_a_template() {
+    let s = ready(&["--chat-template", CHAT_TEMPLATE]);
+    let messages = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]);
+    let body = json!({"model": MODEL, "messages": messages, "max_tokens": 6, "seed": 3, "n": 2});
+    let a = call(&s, "POST", "/openai/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let v = a.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    // The prompt is the template's rendering.
+    let prompt = "Be brief.\n\nUser: Hi\nAssistant:";
+    let prompt_tokens = tokenizer().encode(prompt).unwrap().len();
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens);
+    // The same as a completion of the rendered prompt, and as the streamed answer.
+    let c = json!({"prompt": prompt, "max_tokens": 6, "seed": 3, "n": 2});
+    let c = call(&s, "POST", "/v1/completions", &c.to_string())
+        .await
+        .json();
+    for i in 0..2 {
+        assert_eq!(
+            v["choices"][i]["message"]["content"],
+            c["choices"][i]["text"]
+        );
+    }
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let a = call(&s, "POST", "/v1/chat/completions", &streamed.to_string()).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let (events, done) = sse_events(&a.text);
+    assert!(done, "{}", a.text);
+    let mut texts = [String::new(), String::new()];
+    for e in &events[..2] {
+        assert_eq!(e["choices"][0]["delta"]["role"], "assistant", "{e}");
+    }
+    let mut finished = 0;
+    for e in &events {
+        assert_eq!(e["object"], "chat.completion.chunk");
+        let Some(ch) = e["choices"].get(0) else {
+            assert_eq!(e["usage"], v["usage"]);
+            continue;
+        };
+        let i = ch["index"].as_u64().unwrap() as usize;
+        texts[i].push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+        if ch["finish_reason"].is_string() {
+            assert_eq!(ch["delta"], json!({}));
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 2);
+    for i in 0..2 {
+        assert_eq!(v["choices"][i]["message"]["content"], texts[i].as_str());
+    }
+    // The template refuses what it does not know.
+    let bad = json!({"messages": [{"role": "tool", "content": "x"}]});
+    let a = call(&s, "POST", "/v1/chat/completions", &bad.to_string()).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_message(&a.json()).contains("unsupported role `tool`"),
+        "{}",
+        a.text
+    );
+}
+
+#[tokio::test]
+async fn chat_without_a_template_says_how_to_get_one() {
+    let s = ready(&[]);
+    let body = r#"{"messages": [{"role": "user", "content": "Hi"}]}"#;
+    for path in ["/openai/v1/chat/completions", "/v1/chat/completions"] {
+        let a = call(&s, "POST", path, body).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text);
+        let m = error_message(&a.json());
+        assert!(
+            m.contains("no chat template")
+                && m.contains("--chat-template")
+                && m.contains("/v1/completions"),
+            "{m}"
+        );
+        assert_eq!(a.json()["error"]["type"], "invalid_request_error");
+    }
+}
+
+#[tokio::test]
+async fn v2_infer_takes_and_gives_bytes_tensors() {
+    let s = ready(&[]);
+    let path = format!("/v2/models/{MODEL}/infer");
+    let body = json!({
+        "id": "q1",
+        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2], "data": ["Hello", "Bye"]}],
+        "parameters": {"max_tokens": 4, "temperature": 0},
+    });
+    let a = call(&s, "POST", &path, &body.to_string()).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let v = a.json();
+    assert_eq!(
+        (v["model_name"].as_str(), v["id"].as_str()),
+        (Some(MODEL), Some("q1"))
+    );
+    let out = &v["outputs"][0];
+    assert_eq!(
+        (out["name"].as_str(), out["datatype"].as_str()),
+        (Some("text_output"), Some("BYTES"))
+    );
+    assert_eq!(out["shape"], json!([2]));
+    // The same text as the generate extension gives each prompt.
+    for (i, prompt) in ["Hello", "Bye"].iter().enumerate() {
+        let g = json!({"text_input": prompt, "parameters": {"max_tokens": 4, "temperature": 0}});
+        let g = call(
+            &s,
+            "POST",
+            &format!("/v2/models/{MODEL}/generate"),
+            &g.to_string(),
+        )
+        .await
+        .json();
+        assert_eq!(out["data"][i], g["text_output"]);
+    }
+    // OIP's errors.
+    let a = call(&s, "POST", &path, r#"{"inputs": []}"#).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(a.json()["error_type"], "validation");
+    let a = call(&s, "POST", "/v2/models/other/infer", &body.to_string()).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(a.json()["error"].is_string());
+    // The binary tensor data extension, as tritonclient sends it by default.
+    let head = json!({
+        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 16}}],
+        "parameters": {"max_tokens": 4, "temperature": 0, "binary_data_output": true},
+    })
+    .to_string();
+    let mut raw = head.clone().into_bytes();
+    for p in ["Hello", "Bye"] {
+        raw.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        raw.extend_from_slice(p.as_bytes());
+    }
+    let binary = |raw: Vec<u8>, len: usize| {
+        Request::builder()
+            .method("POST")
+            .uri(&path)
+            .header("inference-header-content-length", len.to_string())
+            .body(Body::from(raw))
+            .unwrap()
+    };
+    let a = send(&s, binary(raw.clone(), head.len())).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.json()["outputs"][0]["data"], out["data"]);
+    let a = send(&s, binary(raw[..raw.len() - 1].to_vec(), head.len())).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.text);
+    assert!(
+        error_message(&a.json()).contains("binary_data_size"),
+        "{}",
+        a.text
+    );
+    let a = send(&s, binary(raw.clone(), head.len() + 100)).await;
+    assert!(
+        error_message(&a.json()).contains("inference-header-content-length"),
+        "{}",
+        a.text
+    );
 }
