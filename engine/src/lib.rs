@@ -34,5 +34,5 @@ pub use engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
 pub use error::{EngineError, Result};
 pub use paged::KvPool;
 pub use precision::{KvCacheDtype, Precision};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Penalties, Sampler, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

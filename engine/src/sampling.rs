@@ -5,9 +5,13 @@
 //!
 //! 1. repetition penalty (`RepetitionPenaltyLogitsProcessor`): every distinct id already in
 //!    the context has its logit divided by the penalty when positive, multiplied when negative;
-//! 2. minimum length (`MinNewTokensLengthLogitsProcessor`): EOS is impossible until
+//! 2. OpenAI's penalties ([`Penalties`], vLLM's order): each id's logit loses
+//!    `frequency_penalty` times the number of times it was generated, plus `presence_penalty`
+//!    once if it was generated at all (generated tokens only, not the prompt), then gains its
+//!    `logit_bias`;
+//! 3. minimum length (`MinNewTokensLengthLogitsProcessor`): EOS is impossible until
 //!    `min_new_tokens` tokens have been generated;
-//! 3. banned ids: ids at or past `allowed_vocab` are impossible. GPT-J's embedding has 50400
+//! 4. banned ids: ids at or past `allowed_vocab` are impossible. GPT-J's embedding has 50400
 //!    rows but only the first 50257 are real tokens; the `<|extratoken_N|>` rows were never
 //!    trained and must never be produced;
 //!
@@ -22,6 +26,24 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// OpenAI's logit adjustments, over the tokens a sequence generated: none by default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Penalties {
+    /// Subtracted once from the logit of every id generated at least once (OpenAI: -2 to 2).
+    pub presence: f32,
+    /// Subtracted from an id's logit once per time it was generated (OpenAI: -2 to 2).
+    pub frequency: f32,
+    /// Added to the logits of these ids (OpenAI's `logit_bias`: -100 to 100).
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Penalties {
+    /// True when they change nothing.
+    pub fn is_none(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0 && self.logit_bias.is_empty()
+    }
+}
 
 /// How one sequence picks its next token. Field meanings follow HuggingFace `generate`.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +117,9 @@ pub struct Sampler {
     /// Other ids that end the sequence (a request's stop token ids): banned like EOS until
     /// `min_new_tokens`.
     stop_token_ids: Vec<u32>,
+    penalties: Penalties,
+    /// How many times each generated id was generated, for the penalties (kept sorted).
+    counts: Vec<(u32, u32)>,
     allowed_vocab: usize,
     rng: ChaCha8Rng,
     /// Processed scores of the current row (vocab-sized, reused).
@@ -110,6 +135,8 @@ impl Sampler {
             params: params.clone(),
             eos_token_id,
             stop_token_ids: Vec::new(),
+            penalties: Penalties::default(),
+            counts: Vec::new(),
             allowed_vocab,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             scores: Vec::new(),
@@ -121,6 +148,12 @@ impl Sampler {
     /// holds them back as it holds back EOS (vLLM's `min_tokens` with `stop_token_ids`).
     pub fn with_stop_token_ids(mut self, ids: &[u32]) -> Self {
         self.stop_token_ids = ids.to_vec();
+        self
+    }
+
+    /// OpenAI's presence and frequency penalties and logit bias.
+    pub fn with_penalties(mut self, penalties: &Penalties) -> Self {
+        self.penalties = penalties.clone();
         self
     }
 
@@ -170,6 +203,9 @@ impl Sampler {
                 }
             }
         }
+        if !self.penalties.is_none() {
+            self.apply_penalties(context, generated);
+        }
         if generated < self.params.min_new_tokens {
             let ends = std::iter::once(&self.eos_token_id).chain(&self.stop_token_ids);
             for &id in ends {
@@ -180,6 +216,38 @@ impl Sampler {
         }
         if let Some(banned) = self.scores.get_mut(self.allowed_vocab..) {
             banned.fill(f32::NEG_INFINITY);
+        }
+    }
+
+    /// OpenAI's penalties over the generated tokens (the last `generated` of `context`),
+    /// then the logit bias.
+    fn apply_penalties(&mut self, context: &[u32], generated: usize) {
+        let Penalties {
+            presence,
+            frequency,
+            ref logit_bias,
+        } = self.penalties;
+        if presence != 0.0 || frequency != 0.0 {
+            self.counts.clear();
+            let start = context.len().saturating_sub(generated);
+            let mut ids: Vec<u32> = context[start..].to_vec();
+            ids.sort_unstable();
+            for id in ids {
+                match self.counts.last_mut() {
+                    Some((last, n)) if *last == id => *n += 1,
+                    _ => self.counts.push((id, 1)),
+                }
+            }
+            for &(id, n) in &self.counts {
+                if let Some(s) = self.scores.get_mut(id as usize) {
+                    *s -= frequency * n as f32 + presence;
+                }
+            }
+        }
+        for &(id, bias) in logit_bias {
+            if let Some(s) = self.scores.get_mut(id as usize) {
+                *s += bias;
+            }
         }
     }
 
@@ -406,6 +474,37 @@ mod tests {
         let logits = [4.0, -1.0, 3.0, 0.5, 0.0];
         assert_eq!(s.sample(&logits, &[], 10), 0);
         assert_eq!(s.sample(&logits, &[0], 10), 2); // 4/2 = 2 < 3
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        let mut s = Sampler::new(&greedy(), 0, 8).with_penalties(&Penalties {
+            presence: 0.5,
+            frequency: 1.0,
+            logit_bias: Vec::new(),
+        });
+        // Context: prompt [3, 3], then generated [3, 5, 5].
+        let logits = [0.0, 0.0, 0.0, 10.0, 0.0, 10.0, 0.0, 0.0];
+        s.process(&logits, &[3, 3, 3, 5, 5], 3);
+        assert_eq!(
+            s.scores[3],
+            10.0 - 1.0 - 0.5,
+            "once generated, the prompt not counted"
+        );
+        assert_eq!(s.scores[5], 10.0 - 2.0 - 0.5);
+        assert_eq!(s.scores[4], 0.0);
+    }
+
+    #[test]
+    fn logit_bias_can_force_a_token() {
+        let mut s = Sampler::new(&greedy(), 0, 8).with_penalties(&Penalties {
+            logit_bias: vec![(6, 100.0), (2, -100.0)],
+            ..Default::default()
+        });
+        let logits = [0.0, 0.0, 50.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+        assert_eq!(s.sample(&logits, &[1], 0), 6);
+        s.process(&logits, &[1], 0);
+        assert_eq!(s.scores[2], -50.0);
     }
 
     #[test]

@@ -141,7 +141,8 @@ impl<M: Model> Batcher<M> {
         let tokenizer = self.model.tokenizer();
         let output = TextOutput::new(tokenizer.decoder(), request.stop);
         let sampler = Sampler::new(&request.params, self.eos_token_id, self.allowed_vocab)
-            .with_stop_token_ids(&request.stop_token_ids);
+            .with_stop_token_ids(&request.stop_token_ids)
+            .with_penalties(&request.penalties);
         let prompt_len = request.prompt_ids.len();
         let seq = Sequence {
             id,

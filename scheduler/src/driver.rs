@@ -313,6 +313,17 @@ impl SchedulerHandle {
                 l.vocab_size
             )));
         }
+        if let Some((bad, _)) = job
+            .penalties
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= l.vocab_size)
+        {
+            return Err(SubmitError::Invalid(format!(
+                "logit_bias token id {bad} is outside the vocabulary (size {})",
+                l.vocab_size
+            )));
+        }
         if job.stop.iter().any(String::is_empty) {
             return Err(SubmitError::Invalid(
                 "stop strings must not be empty".into(),

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use gptj_engine::SamplingParams;
+use gptj_engine::{Penalties, SamplingParams};
 use tokio::sync::mpsc;
 
 /// One generation to run: already tokenized and validated by the server.
@@ -22,6 +22,8 @@ pub struct JobRequest {
     /// as end-of-text); the token's text is not emitted. Held back until
     /// `params.min_new_tokens`, as end-of-text is.
     pub stop_token_ids: Vec<u32>,
+    /// OpenAI's presence and frequency penalties and logit bias (none by default).
+    pub penalties: Penalties,
     /// Who is asking (the API key, or a header a trusted gateway sets), for fair sharing.
     /// `None` is one shared anonymous tenant.
     pub tenant: Option<String>,
@@ -48,6 +50,7 @@ impl JobRequest {
             max_new_tokens,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            penalties: Penalties::default(),
             tenant: None,
             subtenant: None,
             cache_salt: None,

@@ -65,4 +65,4 @@ pub use model::Model;
 pub use policy::{Policy, PolicyKind};
 
 /// Re-exported so callers need not depend on the engine for these.
-pub use gptj_engine::{SamplingParams, Tokenizer};
+pub use gptj_engine::{Penalties, SamplingParams, Tokenizer};

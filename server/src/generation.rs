@@ -78,6 +78,7 @@ pub fn job(
         max_new_tokens: plan.max_new_tokens,
         stop: plan.stop.clone(),
         stop_token_ids: plan.stop_token_ids.clone(),
+        penalties: plan.penalties.clone(),
         tenant: tenancy.tenant.clone(),
         subtenant: tenancy.subtenant.clone(),
         cache_salt: tenancy.cache_salt(plan.cache_salt.as_deref()),

@@ -212,3 +212,38 @@ pub fn read_strings(field: &str, items: &[Value], expected: &'static str) -> Res
         })
         .collect()
 }
+
+/// Most entries of a `logit_bias` object (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+
+/// OpenAI's `logit_bias`: an object from token ids (as strings) to biases in [-100, 100].
+pub fn read_logit_bias(field: &str, v: &Value) -> Result<Vec<(u32, f32)>> {
+    let Value::Object(map) = v else {
+        return Err(ValidationError::WrongType {
+            field: field.into(),
+            expected: "an object from token ids to biases",
+            got: describe(v),
+        });
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ValidationError::OutOfRange {
+            field: field.into(),
+            range: format!("at most {MAX_LOGIT_BIAS} entries"),
+            value: format!("{} entries", map.len()),
+        });
+    }
+    map.iter()
+        .map(|(k, bias)| {
+            let at = format!("{field}.{k}");
+            let id: u32 = k.parse().map_err(|_| ValidationError::WrongType {
+                field: at.clone(),
+                expected: "a token id (an integer >= 0) as the key",
+                got: format!("the key {k:?}"),
+            })?;
+            let b = read_float(&at, bias, "a number in [-100, 100]", |b| {
+                (-100.0..=100.0).contains(&b)
+            })?;
+            Ok((id, b as f32))
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@
 //! explicit length that does not fit the context window is an error; a server default is
 //! clamped to fit.
 
-use gptj_engine::SamplingParams;
+use gptj_engine::{Penalties, SamplingParams};
 
 use super::{Dialect, RequestParams, ValidationError};
 use crate::cli::GenerationArgs;
@@ -183,6 +183,11 @@ impl Defaults {
             max_new_tokens: max.tokens,
             stop: p.stop.clone().unwrap_or_default(),
             stop_token_ids: p.stop_token_ids.clone().unwrap_or_default(),
+            penalties: Penalties {
+                presence: p.presence_penalty.unwrap_or(0.0),
+                frequency: p.frequency_penalty.unwrap_or(0.0),
+                logit_bias: p.logit_bias.clone().unwrap_or_default(),
+            },
             return_full_text: self.return_full_text(p),
             cache_salt: p.cache_salt.clone(),
         })
@@ -273,6 +278,8 @@ pub struct Plan {
     pub stop: Vec<String>,
     /// Token ids that end generation when produced (their text is not returned).
     pub stop_token_ids: Vec<u32>,
+    /// OpenAI's presence and frequency penalties and logit bias.
+    pub penalties: Penalties,
     /// Whether the returned text starts with the prompt.
     pub return_full_text: bool,
     /// The request's prefix-cache salt.

@@ -9,7 +9,9 @@
 
 use serde_json::{Map, Value};
 
-use super::json::{read_bool, read_float, read_stop, read_string, read_token_ids, read_uint};
+use super::json::{
+    read_bool, read_float, read_logit_bias, read_stop, read_string, read_token_ids, read_uint,
+};
 use super::ValidationError;
 use crate::cli::GenerationArgs;
 
@@ -55,6 +57,12 @@ pub struct RequestParams {
     pub ignore_eos: Option<bool>,
     /// Token ids that end the sequence when generated (vLLM's `stop_token_ids`).
     pub stop_token_ids: Option<Vec<u32>>,
+    /// OpenAI's presence penalty, in [-2, 2].
+    pub presence_penalty: Option<f32>,
+    /// OpenAI's frequency penalty, in [-2, 2].
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI's logit bias: (token id, bias in [-100, 100]).
+    pub logit_bias: Option<Vec<(u32, f32)>>,
 }
 
 /// Limits that depend on the server's flags.
@@ -101,6 +109,11 @@ pub enum Kind {
         /// Stores the value.
         store: fn(&mut RequestParams, String),
     },
+    /// OpenAI's `logit_bias` object ([`read_logit_bias`]'s rules).
+    Bias {
+        /// Stores the value.
+        store: fn(&mut RequestParams, Vec<(u32, f32)>),
+    },
     /// An array of token ids ([`read_token_ids`]'s rules; the vocabulary is checked when
     /// the job is submitted).
     TokenIds {
@@ -132,6 +145,8 @@ pub enum FloatRange {
     Positive,
     /// `(0, 1]`.
     UnitInterval,
+    /// `[-2, 2]` (OpenAI's penalties).
+    Penalty,
 }
 
 impl FloatRange {
@@ -141,6 +156,7 @@ impl FloatRange {
             Self::NonNegative => "a number >= 0",
             Self::Positive => "a number > 0",
             Self::UnitInterval => "a number in (0, 1]",
+            Self::Penalty => "a number in [-2, 2]",
         }
     }
 
@@ -149,6 +165,7 @@ impl FloatRange {
             Self::NonNegative => x >= 0.0,
             Self::Positive => x > 0.0,
             Self::UnitInterval => x > 0.0 && x <= 1.0,
+            Self::Penalty => (-2.0..=2.0).contains(&x),
         }
     }
 }
@@ -225,6 +242,16 @@ pub const PARAMETERS: &[Param] = &[
         .doc("keep generating past end-of-text, up to the maximum (vLLM's; `true` sets the minimum to the maximum)"),
     Param::token_ids("stop_token_ids", |p, v| p.stop_token_ids = Some(v))
         .doc("token ids (up to 64, each in the vocabulary) that end generation when produced; the token's text is not returned (vLLM's)"),
+    Param::float("presence_penalty", FloatRange::Penalty, |p, v| {
+        p.presence_penalty = Some(v as f32)
+    })
+    .doc("OpenAI's: subtracted once from the logit of every token already generated; 0 turns it off"),
+    Param::float("frequency_penalty", FloatRange::Penalty, |p, v| {
+        p.frequency_penalty = Some(v as f32)
+    })
+    .doc("OpenAI's: subtracted from a token's logit once per time it was generated; 0 turns it off"),
+    Param::bias("logit_bias", |p, v| p.logit_bias = Some(v))
+        .doc("OpenAI's: added to the logits of the given token ids (keys are ids as strings)"),
 ];
 
 /// The parameter named `name` in the table.
@@ -272,6 +299,10 @@ impl Param {
         Self::new(name, Kind::Text { store })
     }
 
+    const fn bias(name: &'static str, store: fn(&mut RequestParams, Vec<(u32, f32)>)) -> Self {
+        Self::new(name, Kind::Bias { store })
+    }
+
     const fn token_ids(name: &'static str, store: fn(&mut RequestParams, Vec<u32>)) -> Self {
         Self::new(name, Kind::TokenIds { store })
     }
@@ -306,6 +337,9 @@ impl Param {
             Kind::Stop { .. } => "a string or an array of strings".to_owned(),
             Kind::Text { .. } => format!("a string of 1 to {MAX_TEXT_LEN} bytes"),
             Kind::TokenIds { .. } => "an array of integers >= 0".to_owned(),
+            Kind::Bias { .. } => {
+                "an object from token ids to numbers in [-100, 100] (at most 300)".to_owned()
+            }
         }
     }
 
@@ -344,6 +378,7 @@ impl Param {
                 store(p, text.to_owned())
             }
             Kind::TokenIds { store } => store(p, read_token_ids(field, v)?),
+            Kind::Bias { store } => store(p, read_logit_bias(field, v)?),
         }
         Ok(())
     }

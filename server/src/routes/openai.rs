@@ -6,10 +6,10 @@ OpenAI-compatible completions, mounted under `/openai` as KServe does, and at Op
   `GET /openai/v1/models/{id}`: that model object, 404 for another id.
 - `POST /openai/v1/completions` (and `/v1/completions`): `prompt` (a string or an array of strings), `max_tokens`,
   `temperature` (0 is greedy), `top_p`, `n`, `stop`, `seed`, `echo`, `stream`,
-  `stream_options.include_usage`, plus the extensions `top_k`, `repetition_penalty`,
-  `min_tokens`. Fields OpenAI defines that we do not implement (`logprobs`, `suffix`,
-  `logit_bias`, non-zero `presence_penalty`/`frequency_penalty`, `best_of` > 1) are refused
-  with a message rather than ignored.
+  `stream_options.include_usage`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
+  plus the extensions `top_k`, `repetition_penalty`, `min_tokens`, `ignore_eos`,
+  `stop_token_ids`, `cache_salt`. Fields OpenAI defines that we do not implement
+  (`logprobs`, `suffix`, `best_of` > 1) are refused with a message rather than ignored.
 
 Streaming sends one chunk per piece of text, then for each choice a chunk with empty text and
 its `finish_reason` (never merged into a text chunk), then the usage chunk when
@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::Wire;
 use crate::generation::Generation;
-use crate::params::json::{read_bool, read_float, read_string, read_strings, read_uint};
+use crate::params::json::{read_bool, read_string, read_strings, read_uint};
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
 use crate::pipeline::{check_model, generate, usage_json, Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
@@ -91,11 +91,8 @@ const OWN_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "user",
-    "presence_penalty",
-    "frequency_penalty",
     "logprobs",
     "best_of",
-    "logit_bias",
     "suffix",
 ];
 
@@ -122,6 +119,9 @@ impl Protocol for Completions {
             "cache_salt",
             "ignore_eos",
             "stop_token_ids",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
         ]),
     };
     type Request = CompletionRequest;
@@ -156,14 +156,8 @@ impl Protocol for Completions {
                 "user" => {
                     read_string(f, v)?;
                 }
-                "presence_penalty" | "frequency_penalty" => refuse_penalty(f, v)?,
                 "logprobs" => return Err(unsupported(f, "log probabilities are not supported")),
                 "suffix" => return Err(unsupported(f, "suffixes (insertion) are not supported")),
-                "logit_bias" => {
-                    if v.as_object().is_none_or(|o| !o.is_empty()) {
-                        return Err(unsupported(f, "logit bias is not supported"));
-                    }
-                }
                 "best_of" => {
                     if read_uint(f, v, 1, u64::MAX)? != 1 {
                         return Err(unsupported(
@@ -244,18 +238,6 @@ impl Protocol for Completions {
             echo: echo.into_iter(),
         }))
     }
-}
-
-/// OpenAI's presence and frequency penalties: only 0.
-fn refuse_penalty(f: &str, v: &Value) -> Result<(), ValidationError> {
-    if read_float(f, v, "a number in [-2, 2]", |p| (-2.0..=2.0).contains(&p))? != 0.0 {
-        return Err(ValidationError::Unsupported {
-            field: f.into(),
-            message: "only 0 is supported; use `repetition_penalty` (HuggingFace's, > 0, 1 = off)"
-                .into(),
-        });
-    }
-    Ok(())
 }
 
 fn completion_id(request_id: &str) -> String {

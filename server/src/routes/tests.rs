@@ -352,9 +352,27 @@ async fn bad_inputs_get_clear_errors() {
         case(o, r#"{"prompt": "a", "logprobs": 3}"#, 400, &["`logprobs`"]),
         case(
             o,
-            r#"{"prompt": "a", "frequency_penalty": 0.5}"#,
+            r#"{"prompt": "a", "frequency_penalty": 2.5}"#,
             400,
-            &["`frequency_penalty`", "repetition_penalty"],
+            &["`frequency_penalty`", "[-2, 2]", "2.5"],
+        ),
+        case(
+            o,
+            r#"{"prompt": "a", "logit_bias": {"x": 1}}"#,
+            400,
+            &["`logit_bias.x`", "token id"],
+        ),
+        case(
+            o,
+            r#"{"prompt": "a", "logit_bias": {"5": 101}}"#,
+            400,
+            &["`logit_bias.5`", "[-100, 100]"],
+        ),
+        case(
+            o,
+            r#"{"prompt": "a", "logit_bias": {"99999": 1}}"#,
+            400,
+            &["logit_bias token id 99999", "vocabulary"],
         ),
         case(
             o,
@@ -1160,5 +1178,45 @@ async fn v2_infer_takes_and_gives_bytes_tensors() {
         error_message(&a.json()).contains("inference-header-content-length"),
         "{}",
         a.text
+    );
+}
+
+/// OpenAI's logit bias and penalties reach the sampler: a +100 bias makes greedy decoding
+/// pick that token every time, on completions and in KServe's `parameters` alike; a large
+/// frequency penalty stops the model repeating it.
+#[tokio::test]
+async fn logit_bias_and_penalties_steer_the_sampler() {
+    let s = ready(&[]);
+    let token = 6342;
+    let text = tokenizer().decode(&[token]);
+    let body = format!(
+        r#"{{"prompt": "Hello", "max_tokens": 5, "temperature": 0, "logit_bias": {{"{token}": 100}}}}"#
+    );
+    let a = call(&s, "POST", "/openai/v1/completions", &body).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.json()["choices"][0]["text"], text.repeat(5), "{}", a.text);
+    let body = format!(
+        r#"{{"instances": ["Hello"], "parameters": {{"max_new_tokens": 5, "do_sample": false, "logit_bias": {{"{token}": 100}}}}}}"#
+    );
+    let a = call(&s, "POST", &format!("/v1/models/{MODEL}:predict"), &body).await;
+    assert_eq!(
+        a.json()["predictions"][0]["generated_text"],
+        format!("Hello{}", text.repeat(5)),
+        "{}",
+        a.text
+    );
+    // The fake model's logits are 10 for its choice and -10 elsewhere: a bias of +25 with a
+    // frequency penalty of 2 per repetition wins three times (15, 13, 11), then loses (9).
+    let body = format!(
+        r#"{{"prompt": "Hello", "max_tokens": 5, "temperature": 0, "logit_bias": {{"{token}": 25}}, "frequency_penalty": 2}}"#
+    );
+    let a = call(&s, "POST", "/openai/v1/completions", &body).await;
+    let got = a.json()["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        got.starts_with(&text.repeat(3)) && !got.starts_with(&text.repeat(4)),
+        "{got:?}"
     );
 }

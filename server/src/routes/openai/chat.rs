@@ -15,7 +15,7 @@ use axum::response::sse::Event;
 use gptj_scheduler::{FinishReason, Usage};
 use serde_json::{json, Map, Value};
 
-use super::{finish_reason, parse_stream_options, refuse_penalty, Completions};
+use super::{finish_reason, parse_stream_options, Completions};
 use crate::chat_template::{ChatTemplate, Message};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, Wire};
@@ -46,10 +46,7 @@ const OWN_FIELDS: &[&str] = &[
     "stream_options",
     "user",
     "add_generation_prompt",
-    "presence_penalty",
-    "frequency_penalty",
     "logprobs",
-    "logit_bias",
 ];
 
 /// The fields OpenAI defines for chat that this server does not implement.
@@ -113,15 +110,9 @@ impl Protocol for ChatCompletions {
                 "user" => {
                     read_string(f, v)?;
                 }
-                "presence_penalty" | "frequency_penalty" => refuse_penalty(f, v)?,
                 "logprobs" => {
                     if read_bool(f, v)? {
                         return Err(refused(f, "log probabilities are not supported"));
-                    }
-                }
-                "logit_bias" => {
-                    if v.as_object().is_none_or(|o| !o.is_empty()) {
-                        return Err(refused(f, "logit bias is not supported"));
                     }
                 }
                 other => return Err(reader.unknown(other, OWN_FIELDS)),
