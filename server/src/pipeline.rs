@@ -236,18 +236,16 @@ pub fn check_model(state: &AppState, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Reads the whole body, at most `limit` bytes within `timeout`. The content type is not
-/// checked: `curl -d` sends `application/x-www-form-urlencoded`, and the seed's commands must
-/// work as they are.
-pub async fn read_json(
+/// Reads the whole body, at most `limit` bytes within `timeout` (413, 408).
+pub async fn read_body(
     body: Body,
     limit: usize,
     timeout: std::time::Duration,
-) -> Result<Map<String, Value>, ApiError> {
+) -> Result<axum::body::Bytes, ApiError> {
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| ApiError::BodyTimeout(timeout))?;
-    let bytes = read.map_err(|e| {
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -257,7 +255,18 @@ pub async fn read_json(
         } else {
             ApiError::BadBody(e.to_string())
         }
-    })?;
+    })
+}
+
+/// Reads the whole body ([`read_body`]) as a JSON object. The content type is not checked:
+/// `curl -d` sends `application/x-www-form-urlencoded`, and the seed's commands must work as
+/// they are.
+pub async fn read_json(
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Map<String, Value>, ApiError> {
+    let bytes = read_body(body, limit, timeout).await?;
     Ok(parse_body(&bytes)?)
 }
 

@@ -344,16 +344,32 @@ impl Shaper for CompletionShaper {
     }
 
     fn end(&mut self) -> Vec<Event> {
-        let mut out = Vec::new();
-        if self.include_usage {
-            let mut v = self.head.clone();
-            v["choices"] = json!([]);
-            v["usage"] = usage_json(self.prompt_tokens, self.completion_tokens);
-            out.push(json_event(&v));
-        }
-        out.push(Event::default().data("[DONE]"));
-        out
+        stream_end(
+            &self.head,
+            self.include_usage,
+            self.prompt_tokens,
+            self.completion_tokens,
+        )
     }
+}
+
+/// The end of an OpenAI stream (completions and chat): the usage chunk when asked for, then
+/// `[DONE]`.
+fn stream_end(
+    head: &Value,
+    include_usage: bool,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    if include_usage {
+        let mut v = head.clone();
+        v["choices"] = json!([]);
+        v["usage"] = usage_json(prompt_tokens, completion_tokens);
+        out.push(json_event(&v));
+    }
+    out.push(Event::default().data("[DONE]"));
+    out
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use crate::error::{ApiError, Wire};
 use crate::generation::Generation;
 use crate::params::json::{read_bool, read_string};
 use crate::params::{describe, parse_body, Dialect, Limits, ParamsReader, ValidationError};
-use crate::pipeline::{generate_at, Outcome, Protocol, RequestContext};
+use crate::pipeline::{generate_at, read_body, Outcome, Protocol, RequestContext};
 
 /// The binary tensor data extension's header: the length of the body's JSON part.
 const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -52,7 +52,8 @@ pub async fn infer(
     let Some(len) = headers.get(HEADER_LENGTH) else {
         return generate_at::<OipInfer>(ctx, model, body).await;
     };
-    match binary_to_json(len, body, ctx.state.config().body_limit).await {
+    let config = ctx.state.config();
+    match binary_to_json(len, body, config.body_limit, config.body_read_timeout).await {
         Ok(json) => generate_at::<OipInfer>(ctx, model, Body::from(json)).await,
         Err(e) => e.into_response(Wire::Oip),
     }
@@ -64,7 +65,12 @@ fn binary_error(field: String, message: String) -> ApiError {
 
 /// The JSON form of a binary-extension body: each input's `binary_data_size` bytes become its
 /// `data` (BYTES elements: a 4-byte little-endian length, then the bytes).
-async fn binary_to_json(len: &HeaderValue, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+async fn binary_to_json(
+    len: &HeaderValue,
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, ApiError> {
     let n: usize = len
         .to_str()
         .ok()
@@ -75,17 +81,7 @@ async fn binary_to_json(len: &HeaderValue, body: Body, limit: usize) -> Result<V
                 "must be the length in bytes of the body's JSON part".into(),
             )
         })?;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::PayloadTooLarge {
-                limit: limit as u64,
-            }
-        } else {
-            ApiError::BadBody(e.to_string())
-        }
-    })?;
+    let bytes = read_body(body, limit, timeout).await?;
     if n > bytes.len() {
         return Err(binary_error(
             HEADER_LENGTH.into(),

@@ -15,7 +15,7 @@ use axum::response::sse::Event;
 use gptj_scheduler::{FinishReason, Usage};
 use serde_json::{json, Map, Value};
 
-use super::{finish_reason, parse_stream_options, Completions};
+use super::{finish_reason, parse_stream_options, stream_end, Completions};
 use crate::chat_template::{ChatTemplate, Message};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, Wire};
@@ -341,15 +341,12 @@ impl Shaper for ChatShaper {
     }
 
     fn end(&mut self) -> Vec<Event> {
-        let mut out = Vec::new();
-        if self.include_usage {
-            let mut v = self.head.clone();
-            v["choices"] = json!([]);
-            v["usage"] = usage_json(self.prompt_tokens, self.completion_tokens);
-            out.push(json_event(&v));
-        }
-        out.push(Event::default().data("[DONE]"));
-        out
+        stream_end(
+            &self.head,
+            self.include_usage,
+            self.prompt_tokens,
+            self.completion_tokens,
+        )
     }
 }
 
