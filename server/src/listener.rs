@@ -51,14 +51,14 @@ struct ConnState {
     busy: AtomicBool,
 }
 
-/// Runs the accept loop on `listener` until `shutdown` resolves, then waits for open
-/// connections until `until()` resolves and drops the rest.
+/// Runs the accept loop on `listener` until `shutdown` resolves, then gives the open
+/// connections `grace` to finish and close, and drops the rest.
 pub async fn serve(
     listener: TcpListener,
     app: App,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
-    until: impl Future<Output = ()>,
+    grace: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -99,6 +99,8 @@ pub async fn serve(
     }
     drop(listener);
     let _ = stop_tx.send(true);
+    // The grace starts now, when the accept loop stops.
+    let until = tokio::time::sleep(grace);
     tokio::pin!(until);
     loop {
         tokio::select! {

@@ -99,14 +99,13 @@ async fn run(
     // After draining, connections still open (a client holding a finished stream) get
     // `CLOSE_GRACE`, then they are dropped, so the process exits within the shutdown
     // timeout plus `shutdown::GRACE` whatever clients do.
-    let until = tokio::time::sleep(shutdown::CLOSE_GRACE);
     let limits = state.config().connections;
     listener::serve(
         listener,
         routes::app(state.clone()),
         limits,
         on_signal,
-        until,
+        shutdown::CLOSE_GRACE,
     )
     .await;
     if let Some(b) = state.backend() {
