@@ -311,7 +311,7 @@ async fn attacker_requests_before_victim(rotate: bool) -> (usize, u128) {
                 .post(url)
                 .bearer_auth("attacker")
                 .header("x-tenant-id", tenant)
-                .body(predict_body("Once upon a time", 24))
+                .body(predict_body("Once upon a time", 64))
                 .send()
                 .await;
             if r.is_ok_and(|r| r.status() == 200) {
@@ -319,13 +319,18 @@ async fn attacker_requests_before_victim(rotate: bool) -> (usize, u128) {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The victim arrives once the attacker's requests fill the queue, whatever the speed.
+    let queued = eventually(Duration::from_secs(20), async || {
+        s.metrics().await.sum("gptj_num_requests_waiting", &[]) >= 30.0
+    })
+    .await;
+    assert!(queued.is_some(), "the attacker's requests never queued");
     let t = Instant::now();
     let r = s
         .client
         .post(s.predict_url())
         .bearer_auth("victim")
-        .body(predict_body("Once upon a time", 24))
+        .body(predict_body("Once upon a time", 64))
         .send()
         .await
         .unwrap();
@@ -346,8 +351,8 @@ async fn rotating_tenant_headers_do_not_multiply_a_key_s_share() {
         "hostile: victim behind 48 attacker requests (--max-num-seqs 4): {one_ms} ms ({one} attacker requests finished first) with one tenant header, {rotating_ms} ms ({rotating} first) with a fresh header per request"
     );
     // Fair share between keys lets the victim in as soon as a slot frees: far fewer than the
-    // 48 queued ahead of it finish first, rotating or not.
-    assert!(one < 24 && rotating < 24, "{one} / {rotating}");
+    // 30 or more queued ahead of it finish first, rotating or not.
+    assert!(one < 16 && rotating < 16, "{one} / {rotating}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
