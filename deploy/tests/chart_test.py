@@ -722,7 +722,7 @@ def pool_checks(rep: Report, r: Rendered, v: dict) -> None:
         hr = r.one("HTTPRoute")
         eq(hr["spec"]["parentRefs"], p["httpRoute"]["parentRefs"], "parentRefs")
         h = p["httpRoute"]
-        pool_paths = h.get("poolPathPrefixes", ["/openai/"])
+        pool_paths = h.get("poolPathPrefixes", ["/openai/", "/v1/completions", "/v1/chat/completions"])
         service_paths = h.get("servicePathPrefixes", ["/"])
         rules = hr["spec"]["rules"]
         eq([r_["matches"][0]["path"]["value"] for r_ in rules], pool_paths + service_paths, "path prefixes")
