@@ -118,7 +118,9 @@ pub struct Sampler {
     /// `min_new_tokens`.
     stop_token_ids: Vec<u32>,
     penalties: Penalties,
-    /// How many times each generated id was generated, for the penalties (kept sorted).
+    /// The generated ids, sorted, and how many times each was generated, for the
+    /// penalties (both reused, so a step allocates nothing).
+    generated_ids: Vec<u32>,
     counts: Vec<(u32, u32)>,
     allowed_vocab: usize,
     rng: ChaCha8Rng,
@@ -136,6 +138,7 @@ impl Sampler {
             eos_token_id,
             stop_token_ids: Vec::new(),
             penalties: Penalties::default(),
+            generated_ids: Vec::new(),
             counts: Vec::new(),
             allowed_vocab,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
@@ -230,9 +233,10 @@ impl Sampler {
         if presence != 0.0 || frequency != 0.0 {
             self.counts.clear();
             let start = context.len().saturating_sub(generated);
-            let mut ids: Vec<u32> = context[start..].to_vec();
-            ids.sort_unstable();
-            for id in ids {
+            self.generated_ids.clear();
+            self.generated_ids.extend_from_slice(&context[start..]);
+            self.generated_ids.sort_unstable();
+            for &id in &self.generated_ids {
                 match self.counts.last_mut() {
                     Some((last, n)) if *last == id => *n += 1,
                     _ => self.counts.push((id, 1)),

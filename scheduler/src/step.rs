@@ -166,24 +166,35 @@ pub(crate) fn plan(q: Queues<'_>, policy: &dyn Policy, limits: &StepLimits, now:
     plan
 }
 
-/// Running sequences per tenant and per (tenant, subtenant), for the policy.
+/// Running sequences per tenant, and per subtenant within each tenant, for the policy.
+/// Lookups borrow the sequence's names; only a first insertion clones them.
 #[derive(Default)]
 struct RunningCounts {
-    tenant: HashMap<Arc<str>, usize>,
-    subtenant: HashMap<(Arc<str>, Arc<str>), usize>,
+    tenant: HashMap<Arc<str>, TenantCount>,
+}
+
+/// One tenant's running sequences, in all and per subtenant.
+#[derive(Default)]
+struct TenantCount {
+    running: usize,
+    subtenants: HashMap<Arc<str>, usize>,
 }
 
 impl RunningCounts {
     fn add(&mut self, s: &Sequence) {
-        *self.tenant.entry(Arc::clone(&s.tenant)).or_default() += 1;
-        let key = (Arc::clone(&s.tenant), Arc::clone(&s.subtenant));
-        *self.subtenant.entry(key).or_default() += 1;
+        let t = self.tenant.entry(Arc::clone(&s.tenant)).or_default();
+        t.running += 1;
+        *t.subtenants.entry(Arc::clone(&s.subtenant)).or_default() += 1;
     }
 
+    /// Running sequences of `s`'s tenant, and of its subtenant.
     fn of(&self, s: &Sequence) -> (usize, usize) {
-        let t = self.tenant.get(&s.tenant).copied().unwrap_or(0);
-        let key = (Arc::clone(&s.tenant), Arc::clone(&s.subtenant));
-        (t, self.subtenant.get(&key).copied().unwrap_or(0))
+        self.tenant.get(&*s.tenant).map_or((0, 0), |t| {
+            (
+                t.running,
+                t.subtenants.get(&*s.subtenant).copied().unwrap_or(0),
+            )
+        })
     }
 }
 

@@ -45,7 +45,8 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let backend = load(&args.model, SchedulerConfig::default())?;
     let loaded = started.elapsed();
     let ids = backend
-        .tokenizer
+        .prompts
+        .tokenizer()
         .encode(&args.prompt)
         .context("cannot tokenize the prompt")?;
     let params = RequestParams {

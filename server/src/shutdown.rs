@@ -16,9 +16,9 @@ pub const CANCEL_GRACE: Duration = Duration::from_secs(3);
 /// Then, time for connections still open to close before they are dropped, and for the
 /// engine thread to stop.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// The most a shutdown takes past `--shutdown-timeout`: [`CANCEL_GRACE`] plus twice
-/// [`CLOSE_GRACE`].
-pub const GRACE: Duration = Duration::from_secs(5);
+/// The most a shutdown takes past `--shutdown-timeout`: [`CANCEL_GRACE`], then
+/// [`CLOSE_GRACE`] for connections and again for the engine thread.
+pub const GRACE: Duration = Duration::from_secs(CANCEL_GRACE.as_secs() + 2 * CLOSE_GRACE.as_secs());
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C) and names the signal.
 pub async fn signal() -> &'static str {

@@ -41,9 +41,8 @@ pub enum Phase {
 pub struct Backend {
     /// Where jobs go.
     pub scheduler: SchedulerHandle,
-    /// The model's tokenizer.
-    pub tokenizer: Tokenizer,
-    /// Prompts go through this, which bounds tokenizing's cost.
+    /// Prompts go through this, which bounds tokenizing's cost; it also holds the model's
+    /// tokenizer (`prompts.tokenizer()`).
     pub prompts: PromptTokenizer,
     /// Prompt plus generation, at most.
     pub max_context: usize,
@@ -54,8 +53,7 @@ impl Backend {
     pub fn new(scheduler: SchedulerHandle, tokenizer: Tokenizer, max_context: usize) -> Self {
         Self {
             scheduler,
-            prompts: PromptTokenizer::new(tokenizer.clone(), max_context),
-            tokenizer,
+            prompts: PromptTokenizer::new(tokenizer, max_context),
             max_context,
         }
     }

@@ -31,7 +31,7 @@ use crate::error::Wire;
 use crate::generation::Generation;
 use crate::params::json::{read_bool, read_string, read_strings, read_uint};
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
-use crate::pipeline::{check_model, generate, usage_json, Outcome, Protocol, Start};
+use crate::pipeline::{check_model, generate, usage_json, Meta, Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
 use crate::state::AppState;
 
@@ -207,32 +207,21 @@ impl Protocol for Completions {
                 })
             })
             .collect();
-        json!({
-            "id": completion_id(&out.meta.request_id),
-            "object": "text_completion",
-            "created": out.meta.created,
-            "model": out.meta.model,
-            "choices": choices,
-            "usage": usage_json(out.submitted.total_prompt_tokens(), out.completion_tokens()),
-        })
+        answer(
+            head(completion_id, "text_completion", out.meta),
+            choices,
+            out,
+        )
     }
 
     fn stream(req: &CompletionRequest, start: &Start<'_>) -> Option<Box<dyn Shaper>> {
-        let head = json!({
-            "id": completion_id(&start.meta.request_id),
-            "object": "text_completion",
-            "created": start.meta.created,
-            "model": start.meta.model,
-        });
+        let head = head(completion_id, "text_completion", start.meta);
         let k = start.submitted.per_prompt.max(1);
         let echo: Vec<usize> = (0..start.prompts.len() * k)
             .filter(|&seq| start.submitted.echo(seq))
             .collect();
         Some(Box::new(CompletionShaper {
-            head,
-            include_usage: req.include_usage,
-            prompt_tokens: start.submitted.total_prompt_tokens(),
-            completion_tokens: 0,
+            tail: StreamTail::new(head, req.include_usage, start),
             prompts: start.prompts.to_vec(),
             per_prompt: k,
             echo: echo.into_iter(),
@@ -242,6 +231,24 @@ impl Protocol for Completions {
 
 fn completion_id(request_id: &str) -> String {
     format!("cmpl-{request_id}")
+}
+
+/// What OpenAI's answers and chunks open with: `id` (from the request id), `object`,
+/// `created`, `model`.
+pub(super) fn head(id: fn(&str) -> String, object: &str, meta: &Meta) -> Value {
+    json!({
+        "id": id(&meta.request_id),
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+    })
+}
+
+/// An answer run to its end: `head` with its `choices` and the request's `usage`.
+pub(super) fn answer(mut head: Value, choices: Vec<Value>, out: &Outcome<'_>) -> Value {
+    head["choices"] = Value::Array(choices);
+    head["usage"] = usage_json(out.submitted.total_prompt_tokens(), out.completion_tokens());
+    head
 }
 
 fn parse_stream_options(v: &Value) -> Result<bool, ValidationError> {
@@ -312,10 +319,7 @@ fn chunk(head: &Value, index: usize, text: &str, finish: Option<&str>) -> Event 
 }
 
 struct CompletionShaper {
-    head: Value,
-    include_usage: bool,
-    prompt_tokens: usize,
-    completion_tokens: usize,
+    tail: StreamTail,
     /// The prompts, for the echo; each choice's echo chunk is made when it is sent.
     prompts: Vec<String>,
     per_prompt: usize,
@@ -327,7 +331,7 @@ impl Shaper for CompletionShaper {
     fn prelude(&mut self) -> Option<Event> {
         let seq = self.echo.next()?;
         Some(chunk(
-            &self.head,
+            &self.tail.head,
             seq,
             &self.prompts[seq / self.per_prompt],
             None,
@@ -335,41 +339,62 @@ impl Shaper for CompletionShaper {
     }
 
     fn token(&mut self, index: usize, text: &str) -> Vec<Event> {
-        vec![chunk(&self.head, index, text, None)]
+        vec![chunk(&self.tail.head, index, text, None)]
     }
 
     fn finished(&mut self, index: usize, reason: &FinishReason, usage: &Usage) -> Vec<Event> {
-        self.completion_tokens += usage.generated_tokens;
-        vec![chunk(&self.head, index, "", Some(finish_reason(reason)))]
+        self.tail.count(usage);
+        vec![chunk(
+            &self.tail.head,
+            index,
+            "",
+            Some(finish_reason(reason)),
+        )]
     }
 
     fn end(&mut self) -> Vec<Event> {
-        stream_end(
-            &self.head,
-            self.include_usage,
-            self.prompt_tokens,
-            self.completion_tokens,
-        )
+        self.tail.end()
     }
 }
 
-/// The end of an OpenAI stream (completions and chat): the usage chunk when asked for, then
-/// `[DONE]`.
-fn stream_end(
-    head: &Value,
+/// What every OpenAI stream (completions and chat) shares: the chunks' head, and the usage
+/// it counts as sequences finish, sent before `[DONE]` when asked for.
+pub(super) struct StreamTail {
+    /// `id`, `object`, `created`, `model` of every chunk.
+    pub head: Value,
     include_usage: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
-) -> Vec<Event> {
-    let mut out = Vec::new();
-    if include_usage {
-        let mut v = head.clone();
-        v["choices"] = json!([]);
-        v["usage"] = usage_json(prompt_tokens, completion_tokens);
-        out.push(json_event(&v));
+}
+
+impl StreamTail {
+    /// The tail of a stream that starts as `start`.
+    pub fn new(head: Value, include_usage: bool, start: &Start<'_>) -> Self {
+        Self {
+            head,
+            include_usage,
+            prompt_tokens: start.submitted.total_prompt_tokens(),
+            completion_tokens: 0,
+        }
     }
-    out.push(Event::default().data("[DONE]"));
-    out
+
+    /// Counts a finished sequence's tokens.
+    pub fn count(&mut self, usage: &Usage) {
+        self.completion_tokens += usage.generated_tokens;
+    }
+
+    /// The usage chunk when asked for, then `[DONE]`.
+    pub fn end(&self) -> Vec<Event> {
+        let mut out = Vec::new();
+        if self.include_usage {
+            let mut v = self.head.clone();
+            v["choices"] = json!([]);
+            v["usage"] = usage_json(self.prompt_tokens, self.completion_tokens);
+            out.push(json_event(&v));
+        }
+        out.push(Event::default().data("[DONE]"));
+        out
+    }
 }
 
 #[cfg(test)]

@@ -15,14 +15,14 @@ use axum::response::sse::Event;
 use gptj_scheduler::{FinishReason, Usage};
 use serde_json::{json, Map, Value};
 
-use super::{finish_reason, parse_stream_options, stream_end, Completions};
+use super::{answer, finish_reason, head, parse_stream_options, Completions, StreamTail};
 use crate::chat_template::{ChatTemplate, Message};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, Wire};
 use crate::generation::Generation;
 use crate::params::json::{read_bool, read_string};
 use crate::params::{describe, Dialect, Limits, ParamsReader, ValidationError};
-use crate::pipeline::{usage_json, Outcome, Protocol, Start};
+use crate::pipeline::{Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
 
 /// A parsed chat body; the prompt is rendered by [`Protocol::prepare`].
@@ -164,29 +164,14 @@ impl Protocol for ChatCompletions {
                 })
             })
             .collect();
-        json!({
-            "id": chat_id(&out.meta.request_id),
-            "object": "chat.completion",
-            "created": out.meta.created,
-            "model": out.meta.model,
-            "choices": choices,
-            "usage": usage_json(out.submitted.total_prompt_tokens(), out.completion_tokens()),
-        })
+        answer(head(chat_id, "chat.completion", out.meta), choices, out)
     }
 
     fn stream(req: &ChatRequest, start: &Start<'_>) -> Option<Box<dyn Shaper>> {
-        let head = json!({
-            "id": chat_id(&start.meta.request_id),
-            "object": "chat.completion.chunk",
-            "created": start.meta.created,
-            "model": start.meta.model,
-        });
+        let head = head(chat_id, "chat.completion.chunk", start.meta);
         let choices = start.prompts.len() * start.submitted.per_prompt.max(1);
         Some(Box::new(ChatShaper {
-            head,
-            include_usage: req.include_usage,
-            prompt_tokens: start.submitted.total_prompt_tokens(),
-            completion_tokens: 0,
+            tail: StreamTail::new(head, req.include_usage, start),
             roles: 0..choices,
         }))
     }
@@ -307,10 +292,7 @@ fn chunk(head: &Value, index: usize, delta: Value, finish: Option<&str>) -> Even
 }
 
 struct ChatShaper {
-    head: Value,
-    include_usage: bool,
-    prompt_tokens: usize,
-    completion_tokens: usize,
+    tail: StreamTail,
     /// The choices still to announce with their `role` delta.
     roles: std::ops::Range<usize>,
 }
@@ -319,7 +301,7 @@ impl Shaper for ChatShaper {
     fn prelude(&mut self) -> Option<Event> {
         let i = self.roles.next()?;
         Some(chunk(
-            &self.head,
+            &self.tail.head,
             i,
             json!({"role": "assistant", "content": ""}),
             None,
@@ -327,13 +309,18 @@ impl Shaper for ChatShaper {
     }
 
     fn token(&mut self, index: usize, text: &str) -> Vec<Event> {
-        vec![chunk(&self.head, index, json!({"content": text}), None)]
+        vec![chunk(
+            &self.tail.head,
+            index,
+            json!({"content": text}),
+            None,
+        )]
     }
 
     fn finished(&mut self, index: usize, reason: &FinishReason, usage: &Usage) -> Vec<Event> {
-        self.completion_tokens += usage.generated_tokens;
+        self.tail.count(usage);
         vec![chunk(
-            &self.head,
+            &self.tail.head,
             index,
             json!({}),
             Some(finish_reason(reason)),
@@ -341,12 +328,7 @@ impl Shaper for ChatShaper {
     }
 
     fn end(&mut self) -> Vec<Event> {
-        stream_end(
-            &self.head,
-            self.include_usage,
-            self.prompt_tokens,
-            self.completion_tokens,
-        )
+        self.tail.end()
     }
 }
 

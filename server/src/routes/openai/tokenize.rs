@@ -146,13 +146,15 @@ async fn detokenize(State(state): State<AppState>, b: Body) -> Response {
                 .into())
             }
         };
-        let vocab = backend.tokenizer.vocab_size() as u64;
+        let vocab = backend.prompts.tokenizer().vocab_size() as u64;
         let ids = items
             .iter()
             .enumerate()
             .map(|(i, v)| read_uint(&format!("tokens[{i}]"), v, 0, vocab - 1).map(|n| n as u32))
             .collect::<Result<Vec<u32>, _>>()?;
-        Ok(Json(json!({"prompt": backend.tokenizer.decode(&ids)})))
+        Ok(Json(
+            json!({"prompt": backend.prompts.tokenizer().decode(&ids)}),
+        ))
     };
     match run.await {
         Ok(j) => j.into_response(),
