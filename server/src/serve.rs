@@ -23,6 +23,7 @@ use crate::{listener, metrics, routes, shutdown, telemetry};
 
 /// Runs `gptj serve` to completion (it returns after a signal, or on a startup error).
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    crate::memory::limit_arenas();
     telemetry::init_logging(args.http.log_format, "info");
     let config = ServerConfig::from_args(&args)?;
     let addr = listen_addr(&args.http.host, args.http.port)?;
