@@ -33,6 +33,7 @@ OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "engine" / "tests" / "f
 
 PROMPT_LENS = [1, 5, 17, 40]
 NEW_TOKENS = 32
+TOP_LOGPROBS = 5  # OpenAI's legacy completions allow logprobs 0..5
 PREFIX_LEN = 23  # rot_partial, 40-token prompt: logits at position PREFIX_LEN-1 (chunked prefill split)
 
 # Weight scales (see README): every parameter is overwritten with seeded values. Chosen by a
@@ -117,6 +118,20 @@ def logits_of(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def logprobs_of(model, ids: list[int]) -> dict:
+    """Log-probabilities of a plain full-sequence forward over `ids`: for each position t < len-1,
+    log_softmax(logits[t]) at ids[t+1] and the TOP_LOGPROBS largest (ids, values), in f32."""
+    lp = torch.log_softmax(logits_of(model, ids), dim=-1)
+    top = torch.topk(lp[:-1], TOP_LOGPROBS, dim=-1)
+    nxt = torch.tensor(ids[1:], dtype=torch.long)
+    return {
+        "token_logprobs": [f32(x) for x in lp[:-1].gather(1, nxt[:, None])[:, 0].tolist()],
+        "top_ids": top.indices.tolist(),
+        "top_logprobs": [[f32(x) for x in row] for row in top.values.tolist()],
+    }
+
+
+@torch.no_grad()
 def greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
     """Manual argmax loop, feeding the full sequence at every step (the plain reference)."""
     seq = list(ids)
@@ -183,6 +198,12 @@ def write_expected(path: Path, doc: dict):
             f'   "last_logits": {fmt_list(c["last_logits"])}',
             f'   "last_logits_f16": {fmt_list(c["last_logits_f16"])}',
         ]
+        lp = c["logprobs"]
+        parts.append(
+            f'   "logprobs": {{"token_logprobs": {fmt_list(lp["token_logprobs"])},\n'
+            f'    "top_ids": {json.dumps(lp["top_ids"])},\n'
+            f'    "top_logprobs": {json.dumps(lp["top_logprobs"])}}}'
+        )
         if "prefix_logits" in c:
             p = c["prefix_logits"]
             parts.append(f'   "prefix_logits": {{"len": {p["len"]}, "last_logits": {fmt_list(p["last_logits"])}}}')
@@ -218,6 +239,7 @@ def build(name: str, spec: dict) -> dict:
             "last_logits": [f32(x) for x in last.tolist()],
             "greedy_ids": toks,
             "last_logits_f16": [f32(x) for x in last16.tolist()],
+            "logprobs": logprobs_of(model, ids + toks),
         }
         if name == "rot_partial" and len(ids) == 40:
             pre_full = lg[PREFIX_LEN - 1]

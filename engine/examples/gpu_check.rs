@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use gptj_engine::bench::{markdown_table, DecodeBench};
-use gptj_engine::{BlockId, Builtin, DeviceKind, Engine, EngineOptions, Precision, SeqChunk};
+use gptj_engine::{
+    BlockId, Builtin, DeviceKind, Engine, EngineOptions, LogitRows, Precision, SeqChunk,
+};
 
 #[derive(serde::Deserialize)]
 struct Expected {
@@ -61,7 +63,7 @@ fn greedy(
             tokens: &tokens[computed..],
             start_pos: computed,
             block_table: &blocks,
-            want_logits: true,
+            logits: LogitRows::Last,
         }])?;
         computed = tokens.len();
         if first.is_empty() {
@@ -154,7 +156,7 @@ fn ragged(fixtures: &Path, device: DeviceKind) -> Result<bool, String> {
                 tokens: p,
                 start_pos: 0,
                 block_table: t,
-                want_logits: true,
+                logits: LogitRows::Last,
             }])
             .map_err(|e| e.to_string())?;
         alone.push(l.row(0).to_vec());
@@ -170,7 +172,7 @@ fn ragged(fixtures: &Path, device: DeviceKind) -> Result<bool, String> {
             tokens: &p[..h],
             start_pos: 0,
             block_table: t,
-            want_logits: false,
+            logits: LogitRows::None,
         })
         .collect();
     engine.forward(&rows).map_err(|e| e.to_string())?;
@@ -182,7 +184,7 @@ fn ragged(fixtures: &Path, device: DeviceKind) -> Result<bool, String> {
             tokens: &p[h..],
             start_pos: h,
             block_table: t,
-            want_logits: true,
+            logits: LogitRows::Last,
         })
         .collect();
     let together = engine.forward(&rows).map_err(|e| e.to_string())?;

@@ -1,6 +1,6 @@
 //! The shapes that cross the engine's boundary: what the scheduler asks for in one step
 //! (a ragged batch of sequence chunks, each with its KV block table) and what comes back
-//! (the logits of the rows that need a next token).
+//! (the logits of the positions that asked for them).
 
 /// Index of one block in the paged KV pool. Block `b` holds token slots
 /// `b * block_size .. (b + 1) * block_size` in every layer's K and V storage.
@@ -20,11 +20,35 @@ pub struct SeqChunk<'a> {
     pub start_pos: usize,
     /// The blocks of this sequence, in order: position `p` lives in block `block_table[p / block_size]`.
     pub block_table: &'a [BlockId],
-    /// Whether to return the logits of the last token (false for a prefill chunk that is not the last).
-    pub want_logits: bool,
+    /// Which of the row's positions return logits.
+    pub logits: LogitRows,
 }
 
-/// Logits of the last token of each row that asked for them, in row order, as f32.
+/// Which positions of a [`SeqChunk`] return logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None: a prefill chunk that is not the last, whose only job is to fill the cache.
+    None,
+    /// The last token's, to sample the next token from.
+    Last,
+    /// Every token's, in position order (prompt log-probabilities); the last one is also the
+    /// one to sample from when the chunk ends the sequence.
+    All,
+}
+
+impl LogitRows {
+    /// How many logit rows a chunk of `len` tokens returns.
+    pub fn count(self, len: usize) -> usize {
+        match self {
+            Self::None => 0,
+            Self::Last => usize::from(len > 0),
+            Self::All => len,
+        }
+    }
+}
+
+/// Logits of the positions that asked for them ([`SeqChunk::logits`]), in row order and
+/// position order within a row, as f32.
 #[derive(Debug, Clone)]
 pub struct Logits {
     data: Vec<f32>,
@@ -53,7 +77,7 @@ impl Logits {
         self.vocab
     }
 
-    /// The logits of row `i` (the i-th row that had `want_logits`).
+    /// The logits of row `i` (the i-th position that asked for them).
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab..(i + 1) * self.vocab]
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::batch::{BlockId, SeqChunk};
+use crate::batch::{BlockId, LogitRows, SeqChunk};
 use crate::engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
 use crate::paged::KvPool;
 use crate::precision::Precision;
@@ -138,7 +138,7 @@ impl DecodeBench {
                     tokens: p,
                     start_pos: 0,
                     block_table: t,
-                    want_logits: false,
+                    logits: LogitRows::None,
                 }])?;
             }
             let mut times = Vec::with_capacity(self.steps);
@@ -153,7 +153,7 @@ impl DecodeBench {
                         tokens: tok,
                         start_pos: self.context + step,
                         block_table: t,
-                        want_logits: true,
+                        logits: LogitRows::Last,
                     })
                     .collect();
                 let start = Instant::now();

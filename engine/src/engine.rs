@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
-use crate::batch::{Logits, SeqChunk};
+use crate::batch::{LogitRows, Logits, SeqChunk};
 use crate::config::GptjConfig;
 use crate::error::{EngineError, Result};
 use crate::model::GptjModel;
@@ -302,7 +302,7 @@ impl Engine {
     }
 
     /// Runs one step over a ragged batch: writes each row's new K/V into its blocks and returns
-    /// the logits of the last token of every row with `want_logits`, in row order.
+    /// the logits each row asks for ([`SeqChunk::logits`]), in row order.
     pub fn forward(&mut self, rows: &[SeqChunk<'_>]) -> Result<Logits> {
         let vocab = self.model.config().vocab_size;
         if rows.is_empty() {
@@ -317,10 +317,12 @@ impl Engine {
         let mut token_ids = Vec::with_capacity(step.num_tokens());
         let mut logit_rows = Vec::new();
         for row in rows {
+            let first = token_ids.len() as u32;
             token_ids.extend_from_slice(row.tokens);
-            if row.want_logits {
-                logit_rows.push(token_ids.len() as u32 - 1);
-            }
+            let end = token_ids.len() as u32;
+            let count = row.logits.count(row.tokens.len()) as u32;
+            logit_rows.extend(end - count..end);
+            debug_assert!(end - count >= first);
         }
         if logit_rows.is_empty() {
             // Still run the step: it fills the cache for prefill chunks.
@@ -346,7 +348,7 @@ impl Engine {
             tokens: &eos,
             start_pos: 0,
             block_table: &table,
-            want_logits: true,
+            logits: LogitRows::Last,
         }])?;
         Ok(())
     }

@@ -309,7 +309,7 @@ impl StepLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::BlockId;
+    use crate::batch::{BlockId, LogitRows};
 
     #[test]
     fn bad_batches_are_errors_not_panics() {
@@ -319,7 +319,7 @@ mod tests {
             tokens: &toks,
             start_pos: 2,
             block_table: &table,
-            want_logits: true,
+            logits: LogitRows::Last,
         }];
         let err = StepLayout::new(&rows, 4, 8, 64).unwrap_err().to_string();
         assert!(err.contains("needs 2 blocks"), "{err}");
@@ -328,7 +328,7 @@ mod tests {
             tokens: &toks[..1],
             start_pos: 0,
             block_table: &table,
-            want_logits: true,
+            logits: LogitRows::Last,
         }];
         let err = StepLayout::new(&rows, 4, 8, 64).unwrap_err().to_string();
         assert!(err.contains("block 8"), "{err}");
@@ -338,13 +338,13 @@ mod tests {
                 tokens: &toks[..1],
                 start_pos: 0,
                 block_table: &table,
-                want_logits: true,
+                logits: LogitRows::Last,
             },
             SeqChunk {
                 tokens: &toks[..1],
                 start_pos: 0,
                 block_table: &table,
-                want_logits: true,
+                logits: LogitRows::Last,
             },
         ];
         let err = StepLayout::new(&rows, 4, 8, 64).unwrap_err().to_string();
@@ -358,7 +358,7 @@ mod tests {
             tokens: &[1],
             start_pos: 0,
             block_table: &table,
-            want_logits: true,
+            logits: LogitRows::Last,
         }];
         let step = StepLayout::new(&rows, 4, 8, 64).unwrap();
         let ok = step.check_cache(&[2, 8, 4, 3, 16]).unwrap();

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use gptj_engine::{BlockId, Precision, Sampler, SamplingParams, SeqChunk};
+use gptj_engine::{BlockId, LogitRows, Precision, Sampler, SamplingParams, SeqChunk};
 
 /// Prompts of assorted lengths: the fixture prompts plus derived ones.
 fn prompts() -> Vec<Vec<u32>> {
@@ -115,7 +115,7 @@ fn check_batch_invariance(precision: Precision, choice: Choice) {
         max_rows = max_rows.max(active.len());
         let rows: Vec<SeqChunk<'_>> = active.iter().map(|&i| seqs[i].chunk(CHUNK)).collect();
         let lens: Vec<usize> = rows.iter().map(|r| r.tokens.len()).collect();
-        let wants: Vec<bool> = rows.iter().map(|r| r.want_logits).collect();
+        let wants: Vec<bool> = rows.iter().map(|r| r.logits == LogitRows::Last).collect();
         let logits = engine.forward(&rows).unwrap();
         let mut next = 0;
         for ((&i, len), want) in active.iter().zip(lens).zip(wants) {
@@ -190,7 +190,7 @@ fn rows_can_share_prefix_blocks() {
             tokens: &prefix,
             start_pos: 0,
             block_table: &table_a,
-            want_logits: false,
+            logits: LogitRows::None,
         }])
         .unwrap();
     let rows = [
@@ -198,13 +198,13 @@ fn rows_can_share_prefix_blocks() {
             tokens: &[7, 9],
             start_pos: 8,
             block_table: &table_a,
-            want_logits: true,
+            logits: LogitRows::Last,
         },
         SeqChunk {
             tokens: &[7, 9],
             start_pos: 8,
             block_table: &table_b,
-            want_logits: true,
+            logits: LogitRows::Last,
         },
     ];
     let logits = engine.forward(&rows).unwrap();
@@ -253,7 +253,7 @@ fn builtin_tiny_samples_the_same_tokens_alone_and_batched() {
                     tokens: &tokens[computed..],
                     start_pos: computed,
                     block_table: &t,
-                    want_logits: true,
+                    logits: LogitRows::Last,
                 }])
                 .unwrap();
             computed = tokens.len();
@@ -275,7 +275,7 @@ fn builtin_tiny_samples_the_same_tokens_alone_and_batched() {
                 tokens: &tokens[i][computed[i]..],
                 start_pos: computed[i],
                 block_table: &tables[i],
-                want_logits: true,
+                logits: LogitRows::Last,
             })
             .collect();
         let logits = engine.forward(&rows).unwrap();

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use gptj_engine::Precision;
+use gptj_engine::{token_logprob, BlockId, LogitRows, Precision, SeqChunk};
 
 /// f32: last-position logits within 1e-4 and 32 greedy tokens identical, for every fixture
 /// model and every on-disk format of the same weights.
@@ -62,9 +62,9 @@ fn chunked_prefill_matches_hf_at_the_split() {
     let mut engine = load("rot_partial", Precision::F32);
     let mut seq = Seq::new(&case.prompt_ids, scattered_blocks(3, 12));
     let first = seq.chunk(prefix.len);
-    assert!(!first.want_logits);
+    assert_eq!(first.logits, LogitRows::None);
     let first = gptj_engine::SeqChunk {
-        want_logits: true,
+        logits: LogitRows::Last,
         ..first
     };
     let logits = engine.forward(&[first]).unwrap();
@@ -146,5 +146,78 @@ fn kv_cache_dtype_is_honoured_and_f16_stays_close() {
             err <= 1e-2,
             "f16 cache case {i}: relative error {err} vs HF f32"
         );
+    }
+}
+
+/// Every position's log-probabilities of `tokens` (prompt + greedy continuation), computed in
+/// chunks of `chunk` tokens with `LogitRows::All`, each chunk run beside `others` (rows of other
+/// sequences in the same step). Returns one `TokenLogprob` per position but the last.
+fn all_logprobs(
+    engine: &mut gptj_engine::Engine,
+    tokens: &[u32],
+    chunk: usize,
+    blocks: &[BlockId],
+    others: &[(Vec<u32>, Vec<BlockId>)],
+) -> Vec<gptj_engine::TokenLogprob> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < tokens.len() {
+        let end = (start + chunk).min(tokens.len());
+        let mut rows = vec![SeqChunk {
+            tokens: &tokens[start..end],
+            start_pos: start,
+            block_table: blocks,
+            logits: LogitRows::All,
+        }];
+        rows.extend(others.iter().map(|(t, b)| SeqChunk {
+            tokens: t,
+            start_pos: 0,
+            block_table: b,
+            logits: LogitRows::Last,
+        }));
+        let logits = engine.forward(&rows).unwrap();
+        assert_eq!(logits.len(), end - start + others.len());
+        for p in start..end {
+            if p + 1 < tokens.len() {
+                out.push(token_logprob(logits.row(p - start), tokens[p + 1], 5));
+            }
+        }
+        start = end;
+    }
+    out
+}
+
+/// f32 prompt log-probabilities (what `echo` + `logprobs` reports) within 1e-4 of HF's
+/// `log_softmax`, with the same top-5 ids, whole or chunked; and bitwise the same alone and
+/// beside other sequences in the batch.
+#[test]
+fn logprobs_match_hf_alone_chunked_and_in_a_batch() {
+    for model in ["rot_partial", "odd_heads"] {
+        let expected = expected(model);
+        let mut engine = load(model, Precision::F32);
+        for (i, case) in expected.cases.iter().enumerate() {
+            let tokens: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+            let want = &case.logprobs;
+            assert_eq!(want.token_logprobs.len(), tokens.len() - 1);
+            let blocks = scattered_blocks(1, tokens.len().div_ceil(4));
+            let alone = all_logprobs(&mut engine, &tokens, usize::MAX, &blocks, &[]);
+            let mut worst = 0.0f32;
+            for (t, got) in alone.iter().enumerate() {
+                worst = worst.max((got.logprob - want.token_logprobs[t]).abs());
+                let ids: Vec<u32> = got.top.iter().map(|&(id, _)| id).collect();
+                assert_eq!(ids, want.top_ids[t], "{model} case {i} position {t}: top ids");
+                for (k, &(_, lp)) in got.top.iter().enumerate() {
+                    worst = worst.max((lp - want.top_logprobs[t][k]).abs());
+                }
+            }
+            assert!(worst <= 1e-4, "{model} case {i}: logprobs differ from HF by {worst}");
+            // In chunks of 7 beside two other sequences' prefills: the same bits.
+            let others = vec![
+                (vec![3, 1, 4, 1, 5], scattered_blocks(200, 2)),
+                (vec![2, 7], scattered_blocks(300, 1)),
+            ];
+            let batched = all_logprobs(&mut engine, &tokens, 7, &blocks, &others);
+            assert_eq!(alone, batched, "{model} case {i}: batched logprobs differ");
+        }
     }
 }

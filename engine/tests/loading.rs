@@ -161,7 +161,7 @@ fn builtin_tiny_loads_and_runs() {
             tokens: &ids,
             start_pos: 0,
             block_table: &blocks,
-            want_logits: true,
+            logits: gptj_engine::LogitRows::Last,
         }])
         .unwrap();
     assert_eq!(logits.len(), 1);

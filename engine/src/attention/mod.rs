@@ -235,7 +235,7 @@ impl CustomOp2 for PagedAttention<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::{BlockId, SeqChunk};
+    use crate::batch::{BlockId, LogitRows, SeqChunk};
     use crate::cpu::vector;
     use crate::paged::KvPool;
     use candle_core::{DType, Device};
@@ -306,7 +306,7 @@ mod tests {
                 tokens: &tokens[a..b],
                 start_pos: a,
                 block_table: &table,
-                want_logits: true,
+                logits: LogitRows::Last,
             }];
             let step = StepLayout::new(&rows, block_size, num_blocks, 128).unwrap();
             let t = |x: &[f32]| {
@@ -366,7 +366,7 @@ mod tests {
                     tokens: &tokens[a..b],
                     start_pos: a,
                     block_table: table,
-                    want_logits: true,
+                    logits: LogitRows::Last,
                 })
                 .collect();
             let step = StepLayout::new(&chunks, block_size, num_blocks, 16).unwrap();
@@ -410,7 +410,7 @@ mod tests {
             tokens: &[1, 2],
             start_pos: 0,
             block_table: &table,
-            want_logits: true,
+            logits: LogitRows::Last,
         }];
         let step = StepLayout::new(&rows, 4, 16, 64).unwrap();
         let q = Tensor::ones((2, heads, dim), DType::F32, &dev).unwrap();

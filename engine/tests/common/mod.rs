@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use gptj_engine::{BlockId, Engine, EngineOptions, Precision, SeqChunk};
+use gptj_engine::{BlockId, Engine, EngineOptions, LogitRows, Precision, SeqChunk};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -20,6 +20,16 @@ pub struct Case {
     pub last_logits: Vec<f32>,
     pub last_logits_f16: Vec<f32>,
     pub prefix_logits: Option<Prefix>,
+    pub logprobs: Logprobs,
+}
+
+/// HF's `log_softmax` over a full forward of prompt + greedy ids: entry `t` is about the
+/// token at position `t + 1`.
+#[derive(Deserialize)]
+pub struct Logprobs {
+    pub token_logprobs: Vec<f32>,
+    pub top_ids: Vec<Vec<u32>>,
+    pub top_logprobs: Vec<Vec<f32>>,
 }
 
 #[derive(Deserialize)]
@@ -97,7 +107,11 @@ impl Seq {
             tokens: &self.tokens[self.computed..end],
             start_pos: self.computed,
             block_table: &self.blocks,
-            want_logits: end == self.tokens.len(),
+            logits: if end == self.tokens.len() {
+                LogitRows::Last
+            } else {
+                LogitRows::None
+            },
         }
     }
 }
