@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use gptj_engine::{EngineError, Logits, Sampler, SeqChunk};
+use gptj_engine::{EngineError, LogitRows, Logits, Sampler, SeqChunk};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::blocks::BlockManager;
@@ -166,6 +166,11 @@ impl<M: Model> Batcher<M> {
             cached_prompt_tokens: 0,
             preemptions: 0,
             queued_tokens: Some(queued_tokens),
+            logprobs: request.logprobs,
+            prompt_logprobs: request
+                .logprobs
+                .filter(|l| l.prompt)
+                .map(|_| Vec::with_capacity(prompt_len - 1)),
         };
         self.next_arrival += 1;
         self.waiting.push(seq);
@@ -368,11 +373,12 @@ impl<M: Model> Batcher<M> {
                     tokens: &r.seq.tokens[r.computed..r.computed + p.len],
                     start_pos: r.computed,
                     block_table: r.table.blocks(),
-                    want_logits: r.computed + p.len == r.seq.tokens.len(),
+                    logits: r.logit_rows(p.len),
                 }
             })
             .collect();
-        let wanted = rows.iter().filter(|r| r.want_logits).count();
+        let count = |row: &SeqChunk<'_>| row.logits.count(row.tokens.len());
+        let wanted = rows.iter().map(count).sum();
         let model = &mut self.model;
         let mut run = |rows: &[SeqChunk<'_>], wanted: usize| -> Result<Logits, String> {
             match catch_unwind(AssertUnwindSafe(|| model.forward(rows))) {
@@ -392,7 +398,7 @@ impl<M: Model> Batcher<M> {
                 tracing::warn!(error = %e, rows = rows.len(), "step failed; re-running its rows one by one");
                 StepLogits::PerRow(
                     rows.iter()
-                        .map(|row| run(std::slice::from_ref(row), usize::from(row.want_logits)))
+                        .map(|row| run(std::slice::from_ref(row), count(row)))
                         .collect(),
                 )
             }
@@ -406,34 +412,34 @@ impl<M: Model> Batcher<M> {
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
         let mut next_batch_row = 0;
         for (k, p) in plan.iter().enumerate() {
-            let row: Result<Option<&[f32]>, &str> = {
-                let want = self.running[p.index].computed + p.len
-                    == self.running[p.index].seq.tokens.len();
-                match &logits {
-                    StepLogits::Batch(l) if want => {
-                        next_batch_row += 1;
-                        Ok(Some(l.row(next_batch_row - 1)))
+            let kind = self.running[p.index].logit_rows(p.len);
+            let count = kind.count(p.len);
+            // This row's logits: `count` rows of `rows` from `first`.
+            let (rows, first) = match &logits {
+                StepLogits::Batch(l) => {
+                    next_batch_row += count;
+                    (l, next_batch_row - count)
+                }
+                StepLogits::PerRow(results) => match &results[k] {
+                    Ok(l) => (l, 0),
+                    Err(e) => {
+                        done.push((p.index, FinishReason::Error(e.clone())));
+                        continue;
                     }
-                    StepLogits::Batch(_) => Ok(None),
-                    StepLogits::PerRow(results) => match &results[k] {
-                        Ok(l) if want && !l.is_empty() => Ok(Some(l.row(0))),
-                        Ok(_) => Ok(None),
-                        Err(e) => Err(e.as_str()),
-                    },
-                }
-            };
-            let row = match row {
-                Ok(row) => row,
-                Err(e) => {
-                    done.push((p.index, FinishReason::Error(e.to_string())));
-                    continue;
-                }
+                },
             };
             let r = &mut self.running[p.index];
+            if kind == LogitRows::All {
+                for i in 0..count {
+                    r.seq
+                        .record_prompt_logits(r.computed + i, rows.row(first + i));
+                }
+            }
             r.computed += p.len;
             self.blocks
                 .register_computed(&mut r.table, &r.seq.tokens, r.computed);
-            if let Some(row) = row {
+            if r.computed == r.seq.tokens.len() && count > 0 {
+                let row = rows.row(first + count - 1);
                 if let Some(reason) = emit_token(&mut r.seq, row, self.eos_token_id, now) {
                     done.push((p.index, reason));
                 }
@@ -512,6 +518,12 @@ impl<M: Model> Drop for Batcher<M> {
 /// done, if it is. When it is, the token's text carries everything held back.
 fn emit_token(seq: &mut Sequence, logits: &[f32], eos: u32, now: Instant) -> Option<FinishReason> {
     let id = seq.sampler.sample(logits, &seq.tokens, seq.generated());
+    if let Some(prompt) = seq.prompt_logprobs.take() {
+        let _ = seq.events.send(JobEvent::PromptLogprobs(prompt));
+    }
+    let logprob = seq
+        .logprobs
+        .map(|l| gptj_engine::token_logprob(logits, id, l.top));
     seq.tokens.push(id);
     match seq.last_token.replace(now) {
         Some(prev) => {
@@ -526,7 +538,7 @@ fn emit_token(seq: &mut Sequence, logits: &[f32], eos: u32, now: Instant) -> Opt
     if seq.stop_token_ids.contains(&id) {
         // Like end-of-text: the sequence ends here and the token's own text is not emitted.
         let text = seq.output.finish();
-        let _ = seq.events.send(JobEvent::Token { id, text });
+        let _ = seq.events.send(JobEvent::Token { id, text, logprob });
         return Some(FinishReason::Stop);
     }
     let (mut text, mut reason) = match seq.output.push(id) {
@@ -543,7 +555,7 @@ fn emit_token(seq: &mut Sequence, logits: &[f32], eos: u32, now: Instant) -> Opt
             text.push_str(&seq.output.finish());
         }
     }
-    let _ = seq.events.send(JobEvent::Token { id, text });
+    let _ = seq.events.send(JobEvent::Token { id, text, logprob });
     reason
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::batcher::{Batcher, Counters, NewJob};
 use crate::config::{ConfigError, SchedulerConfig};
-use crate::job::{FinishReason, JobRequest, JobStream, SubmitError};
+use crate::job::{FinishReason, JobRequest, JobStream, LogprobsRequest, SubmitError};
 use crate::model::Model;
 
 /// A command from a handle to the engine thread.
@@ -330,6 +330,13 @@ impl SchedulerHandle {
             ));
         }
         job.params.validate().map_err(SubmitError::Invalid)?;
+        if let Some(l) = job.logprobs.filter(|l| l.top > LogprobsRequest::MAX_TOP) {
+            return Err(SubmitError::Invalid(format!(
+                "at most {} top log-probabilities per token, got {}",
+                LogprobsRequest::MAX_TOP,
+                l.top
+            )));
+        }
         let total = prompt.saturating_add(job.max_new_tokens);
         if total > l.max_context {
             return Err(SubmitError::ExceedsContext {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use gptj_engine::{Penalties, SamplingParams};
+use gptj_engine::{Penalties, SamplingParams, TokenLogprob};
 use tokio::sync::mpsc;
 
 /// One generation to run: already tokenized and validated by the server.
@@ -39,6 +39,25 @@ pub struct JobRequest {
     pub priority: i32,
     /// End the job with [`FinishReason::Timeout`] if it has not finished by then.
     pub deadline: Option<Instant>,
+    /// Log-probabilities to report (none by default).
+    pub logprobs: Option<LogprobsRequest>,
+}
+
+/// Which log-probabilities a job reports: the model's `log_softmax` before any sampling
+/// transform (see [`gptj_engine::logprobs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogprobsRequest {
+    /// How many of the most likely tokens to list at each position, besides the token itself
+    /// (at most [`LogprobsRequest::MAX_TOP`]).
+    pub top: usize,
+    /// Whether to report the prompt's too ([`JobEvent::PromptLogprobs`]). The prompt's KV is
+    /// then computed rather than taken from the prefix cache, since its logits are needed.
+    pub prompt: bool,
+}
+
+impl LogprobsRequest {
+    /// The most alternatives a position may list (vLLM's default limit).
+    pub const MAX_TOP: usize = 20;
 }
 
 impl JobRequest {
@@ -56,14 +75,19 @@ impl JobRequest {
             cache_salt: None,
             priority: 0,
             deadline: None,
+            logprobs: None,
         }
     }
 }
 
-/// One event of a job's stream. A stream is zero or more `Token`s, then exactly one
-/// `Finished`, then the end.
+/// One event of a job's stream. A stream is one `PromptLogprobs` if they were asked for and a
+/// token was generated, zero or more `Token`s, then exactly one `Finished`, then the end.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
+    /// The prompt's log-probabilities ([`LogprobsRequest::prompt`]): entry `i` is about prompt
+    /// token `i + 1` (the first token has none: nothing precedes it). Sent just before the
+    /// first `Token`.
+    PromptLogprobs(Vec<TokenLogprob>),
     /// A new token. `text` is the text it completes: possibly empty (half a UTF-8
     /// character, a special token such as EOS, or text held back because it may begin a stop
     /// string), possibly more than the token's own text (held-back text released).
@@ -72,6 +96,8 @@ pub enum JobEvent {
         id: u32,
         /// Text to append to the output.
         text: String,
+        /// Its log-probability, when the job asked for them ([`JobRequest::logprobs`]).
+        logprob: Option<TokenLogprob>,
     },
     /// The job is over.
     Finished {

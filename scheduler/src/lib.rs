@@ -32,6 +32,7 @@ while let Some(event) = stream.blocking_recv() {
     match event {
         JobEvent::Token { .. } => tokens += 1,
         JobEvent::Finished { usage, .. } => assert_eq!(usage.generated_tokens, 5),
+        JobEvent::PromptLogprobs(_) => unreachable!("not asked for"),
     }
 }
 assert_eq!(tokens, 5);
@@ -60,9 +61,11 @@ mod scenario_tests;
 
 pub use config::{ConfigError, SchedulerConfig, SchedulerKind};
 pub use driver::{spawn, Heartbeat, SchedulerHandle, Stats};
-pub use job::{FinishReason, JobEvent, JobRequest, JobStream, SubmitError, Usage};
+pub use job::{
+    FinishReason, JobEvent, JobRequest, JobStream, LogprobsRequest, SubmitError, Usage,
+};
 pub use model::Model;
 pub use policy::{Policy, PolicyKind};
 
 /// Re-exported so callers need not depend on the engine for these.
-pub use gptj_engine::{Penalties, SamplingParams, Tokenizer};
+pub use gptj_engine::{Penalties, SamplingParams, TokenLogprob, Tokenizer};

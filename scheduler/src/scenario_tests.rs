@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gptj_engine::SamplingParams;
+use gptj_engine::{SamplingParams, TokenLogprob};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::batcher::{Batcher, Counters, NewJob};
-use crate::job::{FinishReason, JobEvent, JobRequest, Usage};
+use crate::job::{FinishReason, JobEvent, JobRequest, LogprobsRequest, Usage};
 use crate::policy::PolicyKind;
 use crate::testing::{hash_rule, tokenizer, FakeModel};
+use gptj_engine::LogitRows;
 use crate::{SchedulerConfig, SchedulerKind};
 
 pub(crate) struct Harness {
@@ -67,6 +68,9 @@ pub(crate) struct Outcome {
     pub text: String,
     pub reason: Option<FinishReason>,
     pub usage: Option<Usage>,
+    /// Each token's log-probability, where asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 pub(crate) fn drain(rx: &mut UnboundedReceiver<JobEvent>) -> Outcome {
@@ -75,13 +79,20 @@ pub(crate) fn drain(rx: &mut UnboundedReceiver<JobEvent>) -> Outcome {
         text: String::new(),
         reason: None,
         usage: None,
+        logprobs: vec![],
+        prompt_logprobs: None,
     };
     while let Ok(ev) = rx.try_recv() {
         match ev {
-            JobEvent::Token { id, text } => {
+            JobEvent::PromptLogprobs(lp) => {
+                assert!(o.tokens.is_empty() && o.prompt_logprobs.is_none());
+                o.prompt_logprobs = Some(lp);
+            }
+            JobEvent::Token { id, text, logprob } => {
                 assert!(o.reason.is_none(), "token after Finished");
                 o.tokens.push(id);
                 o.text.push_str(&text);
+                o.logprobs.extend(logprob);
             }
             JobEvent::Finished { reason, usage } => {
                 assert!(o.reason.is_none(), "two Finished events");
@@ -177,7 +188,7 @@ fn long_prompts_are_prefilled_in_chunks_at_the_right_positions() {
             .iter()
             .map(|s| {
                 assert_eq!(s.len(), 1);
-                (s[0].start_pos, s[0].tokens.len(), s[0].want_logits)
+                (s[0].start_pos, s[0].tokens.len(), s[0].logits == gptj_engine::LogitRows::Last)
             })
             .collect();
     assert_eq!(
@@ -602,4 +613,95 @@ fn sampling_is_reproducible_whatever_shares_the_batch() {
         alone.iter().any(|&t| t != 0),
         "temperature 50 should wander off the argmax"
     );
+}
+
+/// What the fake model's one-hot logits (10 at the rule's token, -10 elsewhere) give `token`
+/// after `ctx`, by the definition of log-softmax.
+fn fake_logprob(ctx: &[u32], token: u32) -> f32 {
+    let vocab = 50400.0; // the fake model's row width, GPT-J's
+    let lse = (10f64.exp() + (vocab - 1.0) * (-10f64).exp()).ln();
+    let l = if hash_rule()(ctx) == token { 10.0 } else { -10.0 };
+    (l - lse) as f32
+}
+
+fn with_logprobs(prompt: Vec<u32>, n: usize, top: usize) -> JobRequest {
+    JobRequest {
+        logprobs: Some(LogprobsRequest { top, prompt: true }),
+        ..JobRequest::new(prompt, n)
+    }
+}
+
+/// Checks prompt and generated log-probabilities of `o` against the fake model's rule.
+fn check_logprobs(p: &[u32], o: &Outcome, top: usize) {
+    let all: Vec<u32> = p.iter().chain(&o.tokens).copied().collect();
+    let prompt = o.prompt_logprobs.as_ref().expect("prompt logprobs");
+    assert_eq!(prompt.len(), p.len() - 1);
+    assert_eq!(o.logprobs.len(), o.tokens.len());
+    for (t, lp) in prompt.iter().chain(&o.logprobs).enumerate() {
+        let (ctx, token) = (&all[..=t], all[t + 1]);
+        assert_eq!(lp.id, token, "position {t}");
+        let want = fake_logprob(ctx, token);
+        assert!((lp.logprob - want).abs() < 1e-6, "position {t}: {} vs {want}", lp.logprob);
+        assert_eq!(lp.top.len(), top);
+        assert_eq!(lp.top[0].0, hash_rule()(ctx), "position {t}: most likely");
+    }
+}
+
+#[test]
+fn prompt_logprobs_cover_every_chunk_and_bypass_the_prefix_cache() {
+    // 20-token prompt, 8-token budget: three prefill chunks, all with every position's logits.
+    let mut h = Harness::new(FakeModel::new(64, 4), config(4, 8));
+    let mut p = prompt(3, 12);
+    // Some prompt tokens follow the rule (log-probability near 0), the others do not.
+    p.extend(expected(&p, 8));
+    let mut rx = h.submit(with_logprobs(p.clone(), 3, 2));
+    h.run(20);
+    let o = drain(&mut rx);
+    assert_eq!(o.tokens, expected(&p, 3));
+    check_logprobs(&p, &o, 2);
+    let lp = o.prompt_logprobs.as_ref().unwrap();
+    assert!(lp[11..].iter().all(|l| l.logprob > -1e-3), "{lp:?}");
+    assert!(lp[..11].iter().all(|l| l.logprob < -19.0), "{lp:?}");
+    let rows: Vec<(usize, usize, LogitRows)> = h.b.model().log().steps()[..3]
+        .iter()
+        .map(|s| (s[0].start_pos, s[0].tokens.len(), s[0].logits))
+        .collect();
+    assert_eq!(
+        rows,
+        [(0, 8, LogitRows::All), (8, 8, LogitRows::All), (16, 4, LogitRows::All)]
+    );
+    // The same prompt again: its blocks are cached, but the prompt's logits are needed, so it
+    // is computed again and reports the same values; without logprobs it takes the cache.
+    let mut again = h.submit(with_logprobs(p.clone(), 3, 2));
+    h.run(20);
+    let o2 = drain(&mut again);
+    assert_eq!(o2.prompt_logprobs, o.prompt_logprobs);
+    assert_eq!(o2.logprobs, o.logprobs);
+    assert_eq!(o2.usage.unwrap().cached_prompt_tokens, 0);
+    let mut plain = h.submit(JobRequest::new(p.clone(), 3));
+    h.run(20);
+    let o3 = drain(&mut plain);
+    assert_eq!(o3.usage.unwrap().cached_prompt_tokens, 16);
+    assert!(o3.prompt_logprobs.is_none() && o3.logprobs.is_empty());
+}
+
+#[test]
+fn logprobs_survive_preemption_and_batching() {
+    // The tiny pool of the preemption test, every job asking for log-probabilities.
+    let mut h = Harness::new(FakeModel::new(10, 4), config(6, 32));
+    let jobs: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 10)).collect();
+    let mut rxs: Vec<_> = jobs
+        .iter()
+        .map(|p| h.submit(with_logprobs(p.clone(), 20, 1)))
+        .collect();
+    h.run(1000);
+    let mut preempted = 0;
+    for (p, rx) in jobs.iter().zip(&mut rxs) {
+        let o = drain(rx);
+        assert_eq!(o.tokens, expected(p, 20));
+        check_logprobs(p, &o, 1);
+        preempted += o.usage.unwrap().preemptions;
+    }
+    assert!(preempted > 0, "the pool was meant to force preemption");
+    assert_eq!(h.b.usage().used, 0);
 }

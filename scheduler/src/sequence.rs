@@ -15,11 +15,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use gptj_engine::Sampler;
+use gptj_engine::{LogitRows, Sampler, TokenLogprob};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::blocks::{BlockHash, BlockTable};
-use crate::job::{JobEvent, Usage};
+use crate::job::{JobEvent, LogprobsRequest, Usage};
 use crate::stop::TextOutput;
 
 /// Whether a waiting sequence has run before.
@@ -63,6 +63,11 @@ pub(crate) struct Sequence {
     pub preemptions: u32,
     /// Tokens this sequence counts for in the waiting-queue limits, until it is first admitted.
     pub queued_tokens: Option<usize>,
+    /// Log-probabilities to report.
+    pub logprobs: Option<LogprobsRequest>,
+    /// The prompt's log-probabilities while they are being computed (entry `p` is about
+    /// prompt token `p + 1`); `None` when not asked for or once sent.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl Sequence {
@@ -77,6 +82,26 @@ impl Sequence {
             SeqState::Queued
         } else {
             SeqState::Preempted(self.preemptions)
+        }
+    }
+
+    /// How many leading tokens the prefix cache may supply: the prompt positions whose logits
+    /// are still needed must be computed.
+    pub fn max_cached_prefix(&self) -> usize {
+        let last = self.tokens.len() - 1;
+        self.prompt_logprobs
+            .as_ref()
+            .map_or(last, |got| got.len().min(last))
+    }
+
+    /// Records the logits at position `pos` (computed in a [`LogitRows::All`] chunk): the
+    /// log-probability of the prompt token after it, if that one is still missing.
+    pub fn record_prompt_logits(&mut self, pos: usize, logits: &[f32]) {
+        let (Some(got), Some(l)) = (self.prompt_logprobs.as_mut(), self.logprobs) else {
+            return;
+        };
+        if pos == got.len() && pos + 1 < self.prompt_len {
+            got.push(gptj_engine::token_logprob(logits, self.tokens[pos + 1], l.top));
         }
     }
 
@@ -122,5 +147,26 @@ impl Running {
     /// it has computed and what it needs. Always at least 1.
     pub fn need(&self) -> usize {
         self.seq.tokens.len() - self.computed
+    }
+
+    /// Which logits a chunk of `len` tokens from `computed` returns: every position's while
+    /// prompt log-probabilities are missing from there on, else the last one's when the chunk
+    /// reaches the end (to sample from), else none.
+    pub fn logit_rows(&self, len: usize) -> LogitRows {
+        let end = self.computed + len;
+        let missing = self
+            .seq
+            .prompt_logprobs
+            .as_ref()
+            .is_some_and(|got| {
+                got.len() + 1 < self.seq.prompt_len && (self.computed..end).contains(&got.len())
+            });
+        if missing && len > 0 {
+            LogitRows::All
+        } else if end == self.seq.tokens.len() {
+            LogitRows::Last
+        } else {
+            LogitRows::None
+        }
     }
 }

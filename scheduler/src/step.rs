@@ -132,7 +132,8 @@ pub(crate) fn plan(q: Queues<'_>, policy: &dyn Policy, limits: &StepLimits, now:
         };
         let seq = &waiting[idx];
         let len = seq.tokens.len();
-        let (mut table, hit) = blocks.lookup_prefix(&seq.tokens, len - 1, seq.cache_root);
+        let (mut table, hit) =
+            blocks.lookup_prefix(&seq.tokens, seq.max_cached_prefix(), seq.cache_root);
         let n = (len - hit).min(budget);
         let missing = blocks.blocks_missing(&table, hit + n);
         if blocks.allocate(&mut table, missing).is_err() {

@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use gptj_engine::{EngineError, Logits, SeqChunk, Tokenizer};
+use gptj_engine::{EngineError, LogitRows, Logits, SeqChunk, Tokenizer};
 
 use crate::model::Model;
 
@@ -56,8 +56,8 @@ pub struct RecordedRow {
     pub start_pos: usize,
     /// Its block table.
     pub block_table: Vec<u32>,
-    /// Whether it asked for logits.
-    pub want_logits: bool,
+    /// Which logits it asked for.
+    pub logits: LogitRows,
 }
 
 #[derive(Debug, Default)]
@@ -227,7 +227,7 @@ impl Model for FakeModel {
                         tokens: r.tokens.to_vec(),
                         start_pos: r.start_pos,
                         block_table: r.block_table.iter().map(|b| b.0).collect(),
-                        want_logits: r.want_logits,
+                        logits: r.logits,
                     })
                     .collect(),
             );
@@ -247,7 +247,7 @@ impl Model for FakeModel {
             }
         }
         let bs = self.block_size;
-        let wanted = rows.iter().filter(|r| r.want_logits).count();
+        let wanted: usize = rows.iter().map(|r| r.logits.count(r.tokens.len())).sum();
         let mut data = vec![-10.0f32; wanted * self.vocab];
         let mut out_row = 0;
         let mut ctx = Vec::new();
@@ -256,23 +256,25 @@ impl Model for FakeModel {
                 let p = row.start_pos + k;
                 self.slots[row.block_table[p / bs].0 as usize * bs + p % bs] = Some(t);
             }
-            if !row.want_logits {
-                continue;
+            let end = row.start_pos + row.tokens.len();
+            let count = row.logits.count(row.tokens.len());
+            // Each position's logits see the context up to and including it.
+            for upto in end + 1 - count..=end {
+                ctx.clear();
+                for p in 0..upto {
+                    let slot = row.block_table[p / bs].0 as usize * bs + p % bs;
+                    ctx.push(self.slots[slot].unwrap_or(u32::MAX));
+                }
+                let next = (self.rule)(&ctx) as usize;
+                if next >= self.vocab {
+                    return Err(EngineError::InvalidInput(format!(
+                        "rule produced {next} >= vocab {}",
+                        self.vocab
+                    )));
+                }
+                data[out_row * self.vocab + next] = 10.0;
+                out_row += 1;
             }
-            ctx.clear();
-            for p in 0..row.start_pos + row.tokens.len() {
-                let slot = row.block_table[p / bs].0 as usize * bs + p % bs;
-                ctx.push(self.slots[slot].unwrap_or(u32::MAX));
-            }
-            let next = (self.rule)(&ctx) as usize;
-            if next >= self.vocab {
-                return Err(EngineError::InvalidInput(format!(
-                    "rule produced {next} >= vocab {}",
-                    self.vocab
-                )));
-            }
-            data[out_row * self.vocab + next] = 10.0;
-            out_row += 1;
         }
         Ok(Logits::new(data, self.vocab))
     }

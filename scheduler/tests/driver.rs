@@ -18,11 +18,12 @@ fn collect(mut s: JobStream) -> (Vec<u32>, String, FinishReason, Usage) {
     loop {
         assert!(started.elapsed() < WAIT, "stream did not finish in time");
         match s.try_recv() {
-            Some(JobEvent::Token { id, text: t }) => {
+            Some(JobEvent::Token { id, text: t, .. }) => {
                 ids.push(id);
                 text.push_str(&t);
             }
             Some(JobEvent::Finished { reason, usage }) => return (ids, text, reason, usage),
+            Some(JobEvent::PromptLogprobs(_)) => panic!("not asked for"),
             None => std::thread::sleep(Duration::from_millis(1)),
         }
     }
@@ -93,6 +94,7 @@ fn streams_work_from_async_code() {
                 .expect("timed out")
             {
                 Some(JobEvent::Token { .. }) => tokens += 1,
+                Some(JobEvent::PromptLogprobs(_)) => panic!("not asked for"),
                 Some(JobEvent::Finished { .. }) | None => break tokens,
             }
         }

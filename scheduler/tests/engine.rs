@@ -26,6 +26,7 @@ fn collect(mut s: JobStream) -> (Vec<u32>, FinishReason, gptj_scheduler::Usage) 
         match s.try_recv() {
             Some(JobEvent::Token { id, .. }) => ids.push(id),
             Some(JobEvent::Finished { reason, usage }) => return (ids, reason, usage),
+            Some(JobEvent::PromptLogprobs(_)) => panic!("not asked for"),
             None => std::thread::sleep(Duration::from_millis(1)),
         }
     }
