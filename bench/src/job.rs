@@ -417,6 +417,7 @@ fn run_batch(
                 progressed = true;
                 match event {
                     JobEvent::Token { .. } => bar.inc(1),
+                    JobEvent::PromptLogprobs(_) => {}
                     JobEvent::Finished { reason, usage } => {
                         done[i] = true;
                         if reason != FinishReason::Length || usage.generated_tokens != *want {

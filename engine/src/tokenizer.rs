@@ -169,6 +169,17 @@ impl Tokenizer {
         out
     }
 
+    /// One token's own text, as log-probability listings show it: special tokens by their
+    /// name (`<|endoftext|>`), invalid UTF-8 (a piece of a character) as U+FFFD, an id past
+    /// the vocabulary as nothing.
+    pub fn token_text(&self, id: u32) -> String {
+        self.table
+            .bytes
+            .get(id as usize)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    }
+
     /// A fresh incremental decoder for one stream of generated tokens.
     pub fn decoder(&self) -> IncrementalDecoder {
         IncrementalDecoder {

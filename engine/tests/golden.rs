@@ -196,7 +196,12 @@ fn logprobs_match_hf_alone_chunked_and_in_a_batch() {
         let expected = expected(model);
         let mut engine = load(model, Precision::F32);
         for (i, case) in expected.cases.iter().enumerate() {
-            let tokens: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+            let tokens: Vec<u32> = case
+                .prompt_ids
+                .iter()
+                .chain(&case.greedy_ids)
+                .copied()
+                .collect();
             let want = &case.logprobs;
             assert_eq!(want.token_logprobs.len(), tokens.len() - 1);
             let blocks = scattered_blocks(1, tokens.len().div_ceil(4));
@@ -205,12 +210,18 @@ fn logprobs_match_hf_alone_chunked_and_in_a_batch() {
             for (t, got) in alone.iter().enumerate() {
                 worst = worst.max((got.logprob - want.token_logprobs[t]).abs());
                 let ids: Vec<u32> = got.top.iter().map(|&(id, _)| id).collect();
-                assert_eq!(ids, want.top_ids[t], "{model} case {i} position {t}: top ids");
+                assert_eq!(
+                    ids, want.top_ids[t],
+                    "{model} case {i} position {t}: top ids"
+                );
                 for (k, &(_, lp)) in got.top.iter().enumerate() {
                     worst = worst.max((lp - want.top_logprobs[t][k]).abs());
                 }
             }
-            assert!(worst <= 1e-4, "{model} case {i}: logprobs differ from HF by {worst}");
+            assert!(
+                worst <= 1e-4,
+                "{model} case {i}: logprobs differ from HF by {worst}"
+            );
             // In chunks of 7 beside two other sequences' prefills: the same bits.
             let others = vec![
                 (vec![3, 1, 4, 1, 5], scattered_blocks(200, 2)),

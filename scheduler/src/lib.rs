@@ -61,9 +61,7 @@ mod scenario_tests;
 
 pub use config::{ConfigError, SchedulerConfig, SchedulerKind};
 pub use driver::{spawn, Heartbeat, SchedulerHandle, Stats};
-pub use job::{
-    FinishReason, JobEvent, JobRequest, JobStream, LogprobsRequest, SubmitError, Usage,
-};
+pub use job::{FinishReason, JobEvent, JobRequest, JobStream, LogprobsRequest, SubmitError, Usage};
 pub use model::Model;
 pub use policy::{Policy, PolicyKind};
 

@@ -12,8 +12,8 @@ use crate::batcher::{Batcher, Counters, NewJob};
 use crate::job::{FinishReason, JobEvent, JobRequest, LogprobsRequest, Usage};
 use crate::policy::PolicyKind;
 use crate::testing::{hash_rule, tokenizer, FakeModel};
-use gptj_engine::LogitRows;
 use crate::{SchedulerConfig, SchedulerKind};
+use gptj_engine::LogitRows;
 
 pub(crate) struct Harness {
     pub b: Batcher<FakeModel>,
@@ -188,7 +188,11 @@ fn long_prompts_are_prefilled_in_chunks_at_the_right_positions() {
             .iter()
             .map(|s| {
                 assert_eq!(s.len(), 1);
-                (s[0].start_pos, s[0].tokens.len(), s[0].logits == gptj_engine::LogitRows::Last)
+                (
+                    s[0].start_pos,
+                    s[0].tokens.len(),
+                    s[0].logits == gptj_engine::LogitRows::Last,
+                )
             })
             .collect();
     assert_eq!(
@@ -620,7 +624,11 @@ fn sampling_is_reproducible_whatever_shares_the_batch() {
 fn fake_logprob(ctx: &[u32], token: u32) -> f32 {
     let vocab = 50400.0; // the fake model's row width, GPT-J's
     let lse = (10f64.exp() + (vocab - 1.0) * (-10f64).exp()).ln();
-    let l = if hash_rule()(ctx) == token { 10.0 } else { -10.0 };
+    let l = if hash_rule()(ctx) == token {
+        10.0
+    } else {
+        -10.0
+    };
     (l - lse) as f32
 }
 
@@ -641,7 +649,11 @@ fn check_logprobs(p: &[u32], o: &Outcome, top: usize) {
         let (ctx, token) = (&all[..=t], all[t + 1]);
         assert_eq!(lp.id, token, "position {t}");
         let want = fake_logprob(ctx, token);
-        assert!((lp.logprob - want).abs() < 1e-6, "position {t}: {} vs {want}", lp.logprob);
+        assert!(
+            (lp.logprob - want).abs() < 1e-6,
+            "position {t}: {} vs {want}",
+            lp.logprob
+        );
         assert_eq!(lp.top.len(), top);
         assert_eq!(lp.top[0].0, hash_rule()(ctx), "position {t}: most likely");
     }
@@ -668,7 +680,11 @@ fn prompt_logprobs_cover_every_chunk_and_bypass_the_prefix_cache() {
         .collect();
     assert_eq!(
         rows,
-        [(0, 8, LogitRows::All), (8, 8, LogitRows::All), (16, 4, LogitRows::All)]
+        [
+            (0, 8, LogitRows::All),
+            (8, 8, LogitRows::All),
+            (16, 4, LogitRows::All)
+        ]
     );
     // The same prompt again: its blocks are cached, but the prompt's logits are needed, so it
     // is computed again and reports the same values; without logprobs it takes the cache.

@@ -101,7 +101,11 @@ impl Sequence {
             return;
         };
         if pos == got.len() && pos + 1 < self.prompt_len {
-            got.push(gptj_engine::token_logprob(logits, self.tokens[pos + 1], l.top));
+            got.push(gptj_engine::token_logprob(
+                logits,
+                self.tokens[pos + 1],
+                l.top,
+            ));
         }
     }
 
@@ -154,13 +158,9 @@ impl Running {
     /// reaches the end (to sample from), else none.
     pub fn logit_rows(&self, len: usize) -> LogitRows {
         let end = self.computed + len;
-        let missing = self
-            .seq
-            .prompt_logprobs
-            .as_ref()
-            .is_some_and(|got| {
-                got.len() + 1 < self.seq.prompt_len && (self.computed..end).contains(&got.len())
-            });
+        let missing = self.seq.prompt_logprobs.as_ref().is_some_and(|got| {
+            got.len() + 1 < self.seq.prompt_len && (self.computed..end).contains(&got.len())
+        });
         if missing && len > 0 {
             LogitRows::All
         } else if end == self.seq.tokens.len() {

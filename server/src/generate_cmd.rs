@@ -81,6 +81,7 @@ fn run(args: GenerateArgs) -> anyhow::Result<()> {
         while let Some(event) = stream.blocking_recv() {
             match event {
                 JobEvent::Token { text, .. } => write_or_quit(&mut out, &text)?,
+                JobEvent::PromptLogprobs(_) => {}
                 JobEvent::Finished { reason, usage } => {
                     generated += usage.generated_tokens;
                     if let gptj_scheduler::FinishReason::Error(e) = &reason {

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, BoxStream, StreamExt};
-use gptj_scheduler::{FinishReason, JobEvent, JobRequest, JobStream, SubmitError, Usage};
+use gptj_scheduler::{
+    FinishReason, JobEvent, JobRequest, JobStream, SubmitError, TokenLogprob, Usage,
+};
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
@@ -31,11 +33,41 @@ pub struct Generation {
     /// The model the body names, if it names one (OpenAI's `model`).
     pub model: Option<String>,
     /// The prompts.
-    pub prompts: Vec<String>,
+    pub prompts: Prompts,
     /// The request's parameters.
     pub params: RequestParams,
     /// Stream the answer.
     pub stream: bool,
+}
+
+/// A request's prompts: texts, or token ids (OpenAI's completions take either, never both).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompts {
+    /// Texts, to tokenize.
+    Text(Vec<String>),
+    /// Token ids, taken as they are (each checked against the vocabulary).
+    Tokens(Vec<Vec<u32>>),
+}
+
+impl Prompts {
+    /// How many prompts.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Text(t) => t.len(),
+            Self::Tokens(t) => t.len(),
+        }
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<String>> for Prompts {
+    fn from(texts: Vec<String>) -> Self {
+        Self::Text(texts)
+    }
 }
 
 /// Who a request is for: whose share of the batch it takes, and whose cached prompt
@@ -84,6 +116,7 @@ pub fn job(
         cache_salt: tenancy.cache_salt(plan.cache_salt.as_deref()),
         priority: 0,
         deadline: Some(deadline),
+        logprobs: plan.logprobs,
     }
 }
 
@@ -128,6 +161,10 @@ pub fn submit_error(e: SubmitError, at: String, dialect: &Dialect) -> ApiError {
 pub struct Finished {
     /// The generated text (without the prompt, without any stop string).
     pub text: String,
+    /// The prompt's log-probabilities, when asked for (entry `i` is about prompt token `i + 1`).
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// Each generated token's log-probability, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
     /// Why it ended.
     pub reason: FinishReason,
     /// Counts and timings.
@@ -174,29 +211,31 @@ pub fn events(js: JobStream) -> BoxStream<'static, JobEvent> {
 
 /// Runs one job to its end, collecting its text.
 async fn collect(js: JobStream, record: &RequestRecord) -> Finished {
-    let mut text = String::new();
+    let mut out = Finished {
+        text: String::new(),
+        prompt_logprobs: None,
+        logprobs: Vec::new(),
+        reason: FinishReason::Error("the engine stopped".into()),
+        usage: Usage::default(),
+    };
     let mut ev = events(js);
     while let Some(e) = ev.next().await {
         match e {
-            JobEvent::Token { text: t, .. } => {
+            JobEvent::PromptLogprobs(lp) => out.prompt_logprobs = Some(lp),
+            JobEvent::Token { text, logprob, .. } => {
                 record.first_token();
-                text.push_str(&t);
+                out.text.push_str(&text);
+                out.logprobs.extend(logprob);
             }
             JobEvent::Finished { reason, usage } => {
                 record_finish(record, &reason, &usage);
-                return Finished {
-                    text,
-                    reason,
-                    usage,
-                };
+                out.reason = reason;
+                out.usage = usage;
+                break;
             }
         }
     }
-    Finished {
-        text,
-        reason: FinishReason::Error("the engine stopped".into()),
-        usage: Usage::default(),
-    }
+    out
 }
 
 /// Runs every job to its end, concurrently; fails with the first sequence's error (a
@@ -220,8 +259,10 @@ pub async fn collect_all(
 /// What was submitted for a request, besides the job streams: what rendering needs.
 #[derive(Debug, Clone)]
 pub struct Submitted {
-    /// Each prompt's length in tokens.
-    pub prompt_tokens: Vec<usize>,
+    /// Each prompt's token ids.
+    pub prompt_ids: Vec<Vec<u32>>,
+    /// Each prompt's text (decoded from its ids when it was given as ids).
+    pub prompt_texts: Vec<String>,
     /// Each prompt's plan.
     pub plans: Vec<Plan>,
     /// Sequences per prompt: prompt `i`'s sequence `j` is sequence `i * per_prompt + j`.
@@ -238,7 +279,18 @@ impl Submitted {
 
     /// Prompt tokens of the whole request (each prompt once).
     pub fn total_prompt_tokens(&self) -> usize {
-        self.prompt_tokens.iter().sum()
+        self.prompt_ids.iter().map(Vec::len).sum()
+    }
+
+    /// The plan of sequence `seq`'s prompt.
+    pub fn plan(&self, seq: usize) -> &Plan {
+        &self.plans[seq / self.per_prompt.max(1)]
+    }
+
+    /// The text and ids of sequence `seq`'s prompt.
+    pub fn prompt(&self, seq: usize) -> (&str, &[u32]) {
+        let i = seq / self.per_prompt.max(1);
+        (&self.prompt_texts[i], &self.prompt_ids[i])
     }
 }
 
@@ -269,10 +321,23 @@ pub async fn submit(
         }
         .into());
     }
-    if let Some(i) = prompts.iter().position(String::is_empty) {
-        return Err(ValidationError::EmptyPrompt { at: at(i) }.into());
-    }
-    let ids = backend.prompts.encode(prompts.clone(), at).await?;
+    let tokenizer = backend.prompts.tokenizer();
+    let (ids, texts) = match prompts {
+        Prompts::Text(texts) => {
+            if let Some(i) = texts.iter().position(String::is_empty) {
+                return Err(ValidationError::EmptyPrompt { at: at(i) }.into());
+            }
+            (
+                backend.prompts.encode(texts.clone(), at).await?,
+                texts.clone(),
+            )
+        }
+        Prompts::Tokens(ids) => {
+            check_token_prompts(ids, tokenizer.vocab_size(), at)?;
+            let texts = ids.iter().map(|p| tokenizer.decode(p)).collect();
+            (ids.clone(), texts)
+        }
+    };
     let plans = ids
         .iter()
         .enumerate()
@@ -293,9 +358,28 @@ pub async fn submit(
         }
     }
     let submitted = Submitted {
-        prompt_tokens: ids.iter().map(Vec::len).collect(),
+        prompt_ids: ids,
+        prompt_texts: texts,
         plans,
         per_prompt,
     };
     Ok((submitted, streams))
+}
+
+/// Token-id prompts: none empty, every id in the tokenizer's vocabulary.
+fn check_token_prompts(prompts: &[Vec<u32>], vocab: usize, at: PromptName) -> Result<(), ApiError> {
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(ValidationError::EmptyPrompt { at: at(i) }.into());
+        }
+        if let Some(k) = p.iter().position(|&id| id as usize >= vocab) {
+            return Err(ValidationError::OutOfRange {
+                field: format!("{}, token {k}", at(i)),
+                range: format!("a token id in [0, {})", vocab),
+                value: p[k].to_string(),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }

@@ -26,6 +26,7 @@ use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use gptj_scheduler::Tokenizer;
 use serde_json::{Map, Value};
 
 use crate::api_keys::KeyIndex;
@@ -91,10 +92,12 @@ pub struct Meta {
 pub struct Start<'a> {
     /// Request id, model, time.
     pub meta: &'a Meta,
-    /// The prompts.
+    /// The prompts' texts.
     pub prompts: &'a [String],
     /// Plans and token counts.
     pub submitted: &'a Submitted,
+    /// The model's tokenizer (token texts for log-probabilities).
+    pub tokenizer: &'a Tokenizer,
 }
 
 /// A request run to its end.
@@ -102,10 +105,12 @@ pub struct Start<'a> {
 pub struct Outcome<'a> {
     /// Request id, model, time.
     pub meta: &'a Meta,
-    /// The prompts.
+    /// The prompts' texts.
     pub prompts: &'a [String],
     /// Plans and token counts.
     pub submitted: &'a Submitted,
+    /// The model's tokenizer (token texts for log-probabilities).
+    pub tokenizer: &'a Tokenizer,
     /// Every sequence, prompt-major (see [`Submitted::per_prompt`]).
     pub finished: &'a [Finished],
 }
@@ -311,10 +316,12 @@ async fn run<P: Protocol>(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
+    let tokenizer = backend.prompts.tokenizer();
     let start = Start {
         meta: &meta,
-        prompts: &generation.prompts,
+        prompts: &submitted.prompt_texts,
         submitted: &submitted,
+        tokenizer,
     };
     let shaper = if generation.stream {
         P::stream(&req, &start)
@@ -334,8 +341,9 @@ async fn run<P: Protocol>(
     let finished = collect_all(streams, &record, deadline, config.request_timeout).await?;
     let outcome = Outcome {
         meta: &meta,
-        prompts: &generation.prompts,
+        prompts: &submitted.prompt_texts,
         submitted: &submitted,
+        tokenizer,
         finished: &finished,
     };
     Ok(Json(P::render(&req, &outcome)).into_response())

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, SelectAll, StreamExt};
-use gptj_scheduler::{FinishReason, JobEvent, JobStream, Usage};
+use gptj_scheduler::{FinishReason, JobEvent, JobStream, TokenLogprob, Usage};
 
 use crate::error::{ApiError, Wire};
 use crate::generation::{events, finish_error, record_finish, DEADLINE_GRACE};
@@ -36,8 +36,15 @@ pub trait Shaper: Send + 'static {
     fn prelude(&mut self) -> Option<Event> {
         None
     }
-    /// Sequence `index` produced `text` (never empty).
-    fn token(&mut self, index: usize, text: &str) -> Vec<Event>;
+    /// Sequence `index` produced a token: `text` to append, and the token's log-probability
+    /// when the request asked for them. Called for every token with a log-probability, and
+    /// otherwise only when `text` is not empty.
+    fn token(&mut self, index: usize, text: &str, logprob: Option<&TokenLogprob>) -> Vec<Event>;
+    /// Sequence `index`'s prompt log-probabilities (asked for with the echo), before its first
+    /// token.
+    fn prompt_logprobs(&mut self, _index: usize, _logprobs: &[TokenLogprob]) -> Vec<Event> {
+        Vec::new()
+    }
     /// Sequence `index` ended.
     fn finished(&mut self, index: usize, reason: &FinishReason, usage: &Usage) -> Vec<Event>;
     /// Every sequence ended (normally, or after an error event).
@@ -141,10 +148,14 @@ impl State {
             }
             let limit = self.deadline + DEADLINE_GRACE;
             match tokio::time::timeout_at(limit.into(), self.merged.next()).await {
-                Ok(Some((i, JobEvent::Token { text, .. }))) => {
+                Ok(Some((i, JobEvent::PromptLogprobs(lp)))) => {
+                    let evs = self.shaper.prompt_logprobs(i, &lp);
+                    self.pending.extend(evs);
+                }
+                Ok(Some((i, JobEvent::Token { text, logprob, .. }))) => {
                     self.record.first_token();
-                    if !text.is_empty() {
-                        let evs = self.shaper.token(i, &text);
+                    if !text.is_empty() || logprob.is_some() {
+                        let evs = self.shaper.token(i, &text, logprob.as_ref());
                         self.pending.extend(evs);
                     }
                 }

@@ -48,6 +48,7 @@ impl InProcess {
         while let Some(event) = stream.recv().await {
             let now = Instant::now();
             match event {
+                JobEvent::PromptLogprobs(_) => {}
                 JobEvent::Token { .. } => {
                     match last {
                         None => outcome.ttft = Some(now - start),

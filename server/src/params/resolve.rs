@@ -9,6 +9,7 @@
 //! clamped to fit.
 
 use gptj_engine::{Penalties, SamplingParams};
+use gptj_scheduler::LogprobsRequest;
 
 use super::{Dialect, RequestParams, ValidationError};
 use crate::cli::GenerationArgs;
@@ -190,6 +191,10 @@ impl Defaults {
             },
             return_full_text: self.return_full_text(p),
             cache_salt: p.cache_salt.clone(),
+            logprobs: p.logprobs.map(|top| LogprobsRequest {
+                top,
+                prompt: self.return_full_text(p),
+            }),
         })
     }
 
@@ -284,6 +289,8 @@ pub struct Plan {
     pub return_full_text: bool,
     /// The request's prefix-cache salt.
     pub cache_salt: Option<String>,
+    /// Log-probabilities to report (with the prompt's when the text starts with it).
+    pub logprobs: Option<LogprobsRequest>,
 }
 
 impl Plan {

@@ -63,6 +63,9 @@ pub struct RequestParams {
     pub frequency_penalty: Option<f32>,
     /// OpenAI's logit bias: (token id, bias in [-100, 100]).
     pub logit_bias: Option<Vec<(u32, f32)>>,
+    /// Report log-probabilities with this many alternatives per token (OpenAI's legacy
+    /// completions `logprobs`).
+    pub logprobs: Option<usize>,
 }
 
 /// Limits that depend on the server's flags.
@@ -134,6 +137,8 @@ pub enum UintMax {
     Length,
     /// [`Limits::max_sequences`].
     Sequences,
+    /// This number.
+    At(u64),
 }
 
 /// The numbers a float parameter takes.
@@ -252,7 +257,12 @@ pub const PARAMETERS: &[Param] = &[
     .doc("OpenAI's: subtracted from a token's logit once per time it was generated; 0 turns it off"),
     Param::bias("logit_bias", |p, v| p.logit_bias = Some(v))
         .doc("OpenAI's: added to the logits of the given token ids (keys are ids as strings)"),
+    Param::uint("logprobs", 0, UintMax::At(MAX_LOGPROBS), |p, v| p.logprobs = Some(v as usize))
+        .doc("OpenAI's legacy completions: report each token's log-probability and this many most likely alternatives (with `echo`, the prompt's too)"),
 ];
+
+/// The most alternatives `logprobs` may ask for (OpenAI's legacy completions limit).
+pub const MAX_LOGPROBS: u64 = 5;
 
 /// The parameter named `name` in the table.
 pub fn param(name: &str) -> Option<&'static Param> {
@@ -331,6 +341,7 @@ impl Param {
                 UintMax::None => format!("an integer >= {min}"),
                 UintMax::Length => format!("an integer in [{min}, {MAX_LENGTH_FIELD}]"),
                 UintMax::Sequences => format!("an integer in [{min}, {}]", limits.max_sequences),
+                UintMax::At(max) => format!("an integer in [{min}, {max}]"),
             },
             Kind::Float { range, .. } => range.describe().to_owned(),
             Kind::Bool { .. } => "a boolean".to_owned(),
@@ -357,6 +368,7 @@ impl Param {
                     UintMax::None => u64::MAX,
                     UintMax::Length => MAX_LENGTH_FIELD,
                     UintMax::Sequences => limits.max_sequences as u64,
+                    UintMax::At(max) => max,
                 };
                 store(p, read_uint(field, v, min, max)?);
             }

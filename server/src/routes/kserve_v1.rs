@@ -135,7 +135,7 @@ impl Protocol for KserveV1 {
         let params = parameters(body, Self::DIALECT, limits)?;
         Ok(Generation {
             model: None,
-            prompts,
+            prompts: prompts.into(),
             params,
             stream: false,
         })
@@ -184,6 +184,7 @@ pub fn parameters(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generation::Prompts;
 
     fn parse(v: Value) -> Result<Generation, ValidationError> {
         KserveV1::parse(
@@ -198,7 +199,10 @@ mod tests {
     #[test]
     fn seed_body() {
         let r = parse(json!({"parameters": {"min_length":150,"max_length":200}, "instances": ["In a shocking finding"]})).unwrap();
-        assert_eq!(r.prompts, vec!["In a shocking finding"]);
+        assert_eq!(
+            r.prompts,
+            Prompts::Text(vec!["In a shocking finding".into()])
+        );
         assert_eq!(r.params.max_length, Some(200));
         assert!(!r.stream);
     }

@@ -24,7 +24,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gptj_scheduler::{FinishReason, Usage};
+use gptj_scheduler::{FinishReason, TokenLogprob, Usage};
 use serde_json::{json, Map, Value};
 
 use super::kserve_v1::parameters;
@@ -182,7 +182,7 @@ impl<const STREAM: bool> Protocol for OipGenerate<STREAM> {
         Ok(GenerateRequest {
             generation: Generation {
                 model: None,
-                prompts: vec![text_input],
+                prompts: vec![text_input].into(),
                 params,
                 stream: STREAM,
             },
@@ -231,7 +231,7 @@ impl Shaper for StreamShaper {
         })))
     }
 
-    fn token(&mut self, _: usize, text: &str) -> Vec<Event> {
+    fn token(&mut self, _: usize, text: &str, _: Option<&TokenLogprob>) -> Vec<Event> {
         vec![json_event(&json!({
             "model_name": self.model_name, "text_output": text, "done": false,
         }))]

@@ -4,19 +4,23 @@ OpenAI-compatible completions, mounted under `/openai` as KServe does, and at Op
 
 - `GET /openai/v1/models`: `{"object": "list", "data": [{"id": "<name>", ...}]}`;
   `GET /openai/v1/models/{id}`: that model object, 404 for another id.
-- `POST /openai/v1/completions` (and `/v1/completions`): `prompt` (a string or an array of strings), `max_tokens`,
-  `temperature` (0 is greedy), `top_p`, `n`, `stop`, `seed`, `echo`, `stream`,
-  `stream_options.include_usage`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
-  plus the extensions `top_k`, `repetition_penalty`, `min_tokens`, `ignore_eos`,
-  `stop_token_ids`, `cache_salt`. Fields OpenAI defines that we do not implement
-  (`logprobs`, `suffix`, `best_of` > 1) are refused with a message rather than ignored.
+- `POST /openai/v1/completions` (and `/v1/completions`): `prompt` (a string, an array of
+  strings, an array of token ids or an array of such arrays), `max_tokens`, `temperature`
+  (0 is greedy), `top_p`, `n`, `stop`, `seed`, `echo`, `logprobs` (0 to 5; with `echo`, over
+  the prompt too: see [`logprobs`]), `stream`, `stream_options.include_usage`,
+  `presence_penalty`, `frequency_penalty`, `logit_bias`, plus the extensions `top_k`,
+  `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `cache_salt`. Fields
+  OpenAI defines that we do not implement (`suffix`, `best_of` > 1) are refused with a
+  message rather than ignored.
 
-Streaming sends one chunk per piece of text, then for each choice a chunk with empty text and
+Streaming sends one chunk per piece of text (with `logprobs`, one per token, its text possibly
+empty, and an echoed prompt comes in one chunk with its tokens' log-probabilities), then for each choice a chunk with empty text and
 its `finish_reason` (never merged into a text chunk), then the usage chunk when
 `stream_options.include_usage` is set, then `data: [DONE]`.
 */
 
 pub mod chat;
+pub mod logprobs;
 pub mod tokenize;
 
 use axum::extract::{Path, State};
@@ -24,16 +28,17 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gptj_scheduler::{FinishReason, Usage};
+use gptj_scheduler::{FinishReason, TokenLogprob, Usage};
 use serde_json::{json, Map, Value};
 
 use crate::error::Wire;
-use crate::generation::Generation;
+use crate::generation::{Generation, Prompts};
 use crate::params::json::{read_bool, read_string, read_strings, read_uint};
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
 use crate::pipeline::{check_model, generate, usage_json, Meta, Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
 use crate::state::AppState;
+use logprobs::Listing;
 
 /// The OpenAI routes; all of them need a key, as OpenAI's own do. Generation routes are also
 /// at `/v1/...` (OpenAI's own paths, where clients configured with a bare host look); the
@@ -91,10 +96,30 @@ const OWN_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "user",
-    "logprobs",
     "best_of",
     "suffix",
 ];
+
+/// The table's parameters completions take (OpenAI's, and vLLM's extensions); chat takes the
+/// same but `logprobs`, which means something else there.
+const COMPLETION_PARAMS: &[&str] = &[
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "cache_salt",
+    "ignore_eos",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+];
+
+/// [`COMPLETION_PARAMS`] without `logprobs`.
+const CHAT_PARAMS: &[&str] = COMPLETION_PARAMS.split_at(COMPLETION_PARAMS.len() - 1).0;
 
 /// `POST /openai/v1/completions`.
 pub struct Completions;
@@ -109,20 +134,7 @@ impl Protocol for Completions {
             ("n", "num_return_sequences"),
             ("echo", "return_full_text"),
         ],
-        names: Names::Only(&[
-            "temperature",
-            "top_p",
-            "top_k",
-            "repetition_penalty",
-            "seed",
-            "stop",
-            "cache_salt",
-            "ignore_eos",
-            "stop_token_ids",
-            "presence_penalty",
-            "frequency_penalty",
-            "logit_bias",
-        ]),
+        names: Names::Only(COMPLETION_PARAMS),
     };
     type Request = CompletionRequest;
 
@@ -156,7 +168,6 @@ impl Protocol for Completions {
                 "user" => {
                     read_string(f, v)?;
                 }
-                "logprobs" => return Err(unsupported(f, "log probabilities are not supported")),
                 "suffix" => return Err(unsupported(f, "suffixes (insertion) are not supported")),
                 "best_of" => {
                     if read_uint(f, v, 1, u64::MAX)? != 1 {
@@ -171,7 +182,7 @@ impl Protocol for Completions {
         }
         let prompts = prompts.ok_or_else(|| ValidationError::Missing {
             field: "prompt".into(),
-            what: "a string or an array of strings",
+            what: PROMPT_SHAPES,
         })?;
         // OpenAI samples unless the temperature is 0, and returns the completion alone.
         let p = reader.params_mut();
@@ -199,10 +210,22 @@ impl Protocol for Completions {
             .iter()
             .enumerate()
             .map(|(i, f)| {
+                let logprobs = out.submitted.plan(i).logprobs.map(|_| {
+                    let (text, ids) = out.submitted.prompt(i);
+                    let mut l = match &f.prompt_logprobs {
+                        Some(prompt) => Listing::prompt(out.tokenizer, ids, prompt)
+                            .resume_at(text.chars().count()),
+                        None => Listing::at(text.chars().count()),
+                    };
+                    for lp in &f.logprobs {
+                        l.push(out.tokenizer, lp);
+                    }
+                    l.to_json()
+                });
                 json!({
                     "index": i,
                     "text": out.text(i),
-                    "logprobs": null,
+                    "logprobs": logprobs,
                     "finish_reason": finish_reason(&f.reason),
                 })
             })
@@ -217,14 +240,28 @@ impl Protocol for Completions {
     fn stream(req: &CompletionRequest, start: &Start<'_>) -> Option<Box<dyn Shaper>> {
         let head = head(completion_id, "text_completion", start.meta);
         let k = start.submitted.per_prompt.max(1);
-        let echo: Vec<usize> = (0..start.prompts.len() * k)
-            .filter(|&seq| start.submitted.echo(seq))
+        let seqs = start.prompts.len() * k;
+        let with_logprobs = |seq: usize| start.submitted.plan(seq).logprobs.is_some();
+        // An echo with log-probabilities is sent with them, when they come.
+        let echo: Vec<usize> = (0..seqs)
+            .filter(|&seq| start.submitted.echo(seq) && !with_logprobs(seq))
+            .collect();
+        let listings = (0..seqs)
+            .map(|seq| {
+                with_logprobs(seq).then(|| {
+                    let (text, _) = start.submitted.prompt(seq);
+                    Listing::at(text.chars().count())
+                })
+            })
             .collect();
         Some(Box::new(CompletionShaper {
             tail: StreamTail::new(head, req.include_usage, start),
             prompts: start.prompts.to_vec(),
+            prompt_ids: start.submitted.prompt_ids.clone(),
             per_prompt: k,
             echo: echo.into_iter(),
+            tokenizer: start.tokenizer.clone(),
+            listings,
         }))
     }
 }
@@ -272,32 +309,67 @@ fn parse_stream_options(v: &Value) -> Result<bool, ValidationError> {
     Ok(include_usage)
 }
 
-fn parse_prompts(v: &Value, max_prompts: usize) -> Result<Vec<String>, ValidationError> {
-    let expected = "a string or an array of strings (token-id prompts are not supported)";
-    match v {
-        Value::String(s) => Ok(vec![s.clone()]),
-        Value::Array(a) => {
-            if a.is_empty() {
-                return Err(ValidationError::OutOfRange {
-                    field: "prompt".into(),
-                    range: "a non-empty array".into(),
-                    value: "[]".into(),
-                });
-            }
-            if a.len() > max_prompts {
-                return Err(ValidationError::TooManyInstances {
-                    given: a.len(),
-                    max: max_prompts,
-                });
-            }
-            read_strings("prompt", a, expected)
-        }
-        other => Err(ValidationError::WrongType {
+/// What `prompt` may be.
+const PROMPT_SHAPES: &str =
+    "a string, an array of strings, an array of token ids, or an array of arrays of token ids";
+
+/// `prompt`: a string, strings, token ids (integers), or arrays of token ids. The first
+/// element of an array says which.
+fn parse_prompts(v: &Value, max_prompts: usize) -> Result<Prompts, ValidationError> {
+    let wrong = |field: String, v: &Value| ValidationError::WrongType {
+        field,
+        expected: PROMPT_SHAPES,
+        got: describe(v),
+    };
+    let a = match v {
+        Value::String(s) => return Ok(Prompts::Text(vec![s.clone()])),
+        Value::Array(a) => a,
+        other => return Err(wrong("prompt".into(), other)),
+    };
+    if a.is_empty() {
+        return Err(ValidationError::OutOfRange {
             field: "prompt".into(),
-            expected,
-            got: describe(other),
-        }),
+            range: "a non-empty array".into(),
+            value: "[]".into(),
+        });
     }
+    match &a[0] {
+        Value::String(_) | Value::Array(_) if a.len() > max_prompts => {
+            Err(ValidationError::TooManyInstances {
+                given: a.len(),
+                max: max_prompts,
+            })
+        }
+        Value::String(_) => Ok(Prompts::Text(read_strings("prompt", a, PROMPT_SHAPES)?)),
+        Value::Number(_) => Ok(Prompts::Tokens(vec![read_token_ids("prompt", a)?])),
+        Value::Array(_) => a
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p {
+                Value::Array(ids) => read_token_ids(&format!("prompt[{i}]"), ids),
+                other => Err(wrong(format!("prompt[{i}]"), other)),
+            })
+            .collect::<Result<_, _>>()
+            .map(Prompts::Tokens),
+        other => Err(wrong("prompt[0]".into(), other)),
+    }
+}
+
+/// An array of token ids (integers >= 0; the vocabulary is checked at submission).
+fn read_token_ids(field: &str, items: &[Value]) -> Result<Vec<u32>, ValidationError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| ValidationError::WrongType {
+                    field: format!("{field}[{k}]"),
+                    expected: "a token id (an integer >= 0)",
+                    got: describe(v),
+                })
+        })
+        .collect()
 }
 
 fn finish_reason(r: &FinishReason) -> &'static str {
@@ -307,12 +379,18 @@ fn finish_reason(r: &FinishReason) -> &'static str {
     }
 }
 
-fn chunk(head: &Value, index: usize, text: &str, finish: Option<&str>) -> Event {
+fn chunk(
+    head: &Value,
+    index: usize,
+    text: &str,
+    logprobs: Option<Value>,
+    finish: Option<&str>,
+) -> Event {
     let mut v = head.clone();
     v["choices"] = json!([{
         "index": index,
         "text": text,
-        "logprobs": null,
+        "logprobs": logprobs,
         "finish_reason": finish,
     }]);
     json_event(&v)
@@ -322,9 +400,13 @@ struct CompletionShaper {
     tail: StreamTail,
     /// The prompts, for the echo; each choice's echo chunk is made when it is sent.
     prompts: Vec<String>,
+    prompt_ids: Vec<Vec<u32>>,
     per_prompt: usize,
-    /// The choices whose prompt is still to be echoed.
+    /// The choices whose prompt is still to be echoed (ahead of any token).
     echo: std::vec::IntoIter<usize>,
+    tokenizer: gptj_scheduler::Tokenizer,
+    /// Per choice that asked for log-probabilities: where its next token's text starts.
+    listings: Vec<Option<Listing>>,
 }
 
 impl Shaper for CompletionShaper {
@@ -335,11 +417,35 @@ impl Shaper for CompletionShaper {
             seq,
             &self.prompts[seq / self.per_prompt],
             None,
+            None,
         ))
     }
 
-    fn token(&mut self, index: usize, text: &str) -> Vec<Event> {
-        vec![chunk(&self.tail.head, index, text, None)]
+    fn prompt_logprobs(&mut self, index: usize, logprobs: &[TokenLogprob]) -> Vec<Event> {
+        let i = index / self.per_prompt.max(1);
+        let prompt = Listing::prompt(&self.tokenizer, &self.prompt_ids[i], logprobs);
+        let event = chunk(
+            &self.tail.head,
+            index,
+            &self.prompts[i],
+            Some(prompt.to_json()),
+            None,
+        );
+        vec![event]
+    }
+
+    fn token(&mut self, index: usize, text: &str, logprob: Option<&TokenLogprob>) -> Vec<Event> {
+        let logprobs = match (logprob, self.listings.get_mut(index)) {
+            (Some(lp), Some(Some(listing))) => {
+                // One token per chunk: a fresh listing at this choice's running offset.
+                let mut one = Listing::at(listing.offset());
+                one.push(&self.tokenizer, lp);
+                *listing = Listing::at(one.offset());
+                Some(one.to_json())
+            }
+            _ => None,
+        };
+        vec![chunk(&self.tail.head, index, text, logprobs, None)]
     }
 
     fn finished(&mut self, index: usize, reason: &FinishReason, usage: &Usage) -> Vec<Event> {
@@ -348,6 +454,7 @@ impl Shaper for CompletionShaper {
             &self.tail.head,
             index,
             "",
+            None,
             Some(finish_reason(reason)),
         )]
     }

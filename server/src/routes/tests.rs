@@ -8,6 +8,8 @@ use axum::http::{Request, StatusCode};
 use clap::Parser;
 use gptj_scheduler::testing::{tokenizer, FakeModel};
 use http_body_util::BodyExt;
+use std::collections::HashMap;
+
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -345,11 +347,31 @@ async fn bad_inputs_get_clear_errors() {
         case(o, r#"{"max_tokens": 5}"#, 400, &["missing `prompt`"]),
         case(
             o,
-            r#"{"prompt": [[1, 2, 3]]}"#,
+            r#"{"prompt": [[1, "x"]]}"#,
             400,
-            &["`prompt[0]`", "token-id prompts are not supported"],
+            &["`prompt[0][1]`", "token id"],
         ),
-        case(o, r#"{"prompt": "a", "logprobs": 3}"#, 400, &["`logprobs`"]),
+        case(
+            o,
+            r#"{"prompt": [1, -2]}"#,
+            400,
+            &["`prompt[1]`", "token id"],
+        ),
+        case(o, r#"{"prompt": [[1], 2]}"#, 400, &["`prompt[1]`"]),
+        case(o, r#"{"prompt": [true]}"#, 400, &["`prompt[0]`"]),
+        case(o, r#"{"prompt": [[]]}"#, 400, &["prompt 0"]),
+        case(
+            o,
+            r#"{"prompt": [7, 60000]}"#,
+            400,
+            &["prompt 0, token 1", "60000", "[0, 50400)"],
+        ),
+        case(
+            o,
+            r#"{"prompt": "a", "logprobs": 6}"#,
+            400,
+            &["`logprobs`", "[0, 5]"],
+        ),
         case(
             o,
             r#"{"prompt": "a", "frequency_penalty": 2.5}"#,
@@ -1219,4 +1241,111 @@ async fn logit_bias_and_penalties_steer_the_sampler() {
         got.starts_with(&text.repeat(3)) && !got.starts_with(&text.repeat(4)),
         "{got:?}"
     );
+}
+
+/// The fake model's log-probability of `token` after `ctx` (its logits are 10 at the rule's
+/// token and -10 elsewhere, over 50400 ids).
+fn fake_logprob(ctx: &[u32], token: u32) -> f64 {
+    let lse = (10f64.exp() + 50399.0 * (-10f64).exp()).ln();
+    let l = if gptj_scheduler::testing::hash_rule()(ctx) == token {
+        10.0
+    } else {
+        -10.0
+    };
+    l - lse
+}
+
+#[tokio::test]
+async fn logprobs_over_token_prompts_echo_and_streams() {
+    let s = ready(&[]);
+    let ids = [464u32, 3290, 318, 257, 1332];
+    let ask = |extra: &str| {
+        format!(
+            r#"{{"prompt": [{ids:?}], "max_tokens": 4, "temperature": 0, "logprobs": 2{extra}}}"#
+        )
+    };
+    let v = call(&s, "POST", "/v1/completions", &ask(r#", "echo": true"#))
+        .await
+        .json();
+    let choice = &v["choices"][0];
+    let lp = &choice["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), ids.len() + 4, "{v}");
+    // The first prompt token has nothing before it.
+    assert!(
+        lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(),
+        "{v}"
+    );
+    let prompt_text = tokenizer().decode(&ids);
+    let text = choice["text"].as_str().unwrap();
+    assert!(text.starts_with(&prompt_text), "{text:?}");
+    // Every listed value is the model's log-softmax; the ids come back through the token texts.
+    let rule = gptj_scheduler::testing::hash_rule();
+    let mut all = ids.to_vec();
+    for _ in 0..4 {
+        all.push(rule(&all));
+    }
+    for (t, &id) in all.iter().enumerate() {
+        assert_eq!(tokens[t], tokenizer().token_text(id), "position {t}");
+    }
+    for t in 1..all.len() {
+        let want = fake_logprob(&all[..t], all[t]);
+        let got = lp["token_logprobs"][t].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-5, "position {t}: {got} vs {want}");
+        let top = lp["top_logprobs"][t].as_object().unwrap();
+        assert!((1..=3).contains(&top.len()), "{top:?}");
+        assert!(top.contains_key(tokens[t].as_str().unwrap()));
+    }
+    // Greedy tokens are the model's most likely: near 0.
+    assert!(lp["token_logprobs"][ids.len()].as_f64().unwrap() > -1e-3);
+    let offsets: Vec<usize> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert_eq!(offsets[ids.len()], prompt_text.chars().count());
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+
+    // Streamed: the chunks' listings put together are the same listing.
+    let a = call(
+        &s,
+        "POST",
+        "/v1/completions",
+        &ask(r#", "echo": true, "stream": true"#),
+    )
+    .await;
+    let (events, done) = sse_events(&a.text);
+    assert!(done, "{}", a.text);
+    let mut joined: HashMap<&str, Vec<Value>> = HashMap::new();
+    let mut streamed_text = String::new();
+    for e in &events {
+        let c = &e["choices"][0];
+        streamed_text.push_str(c["text"].as_str().unwrap_or_default());
+        if let Some(l) = c["logprobs"].as_object() {
+            for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                joined
+                    .entry(key)
+                    .or_default()
+                    .extend(l[key].as_array().unwrap().clone());
+            }
+        }
+    }
+    assert_eq!(streamed_text, text);
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(Value::Array(joined[key].clone()), lp[key], "{key}");
+    }
+
+    // Without the echo: the completion's tokens alone, offsets after the prompt.
+    let v = call(&s, "POST", "/v1/completions", &ask("")).await.json();
+    let lp2 = &v["choices"][0]["logprobs"];
+    assert_eq!(lp2["tokens"].as_array().unwrap()[..], tokens[ids.len()..]);
+    assert_eq!(lp2["text_offset"][0], offsets[ids.len()]);
+    assert_eq!(lp2["token_logprobs"][0], lp["token_logprobs"][ids.len()]);
+    // Without `logprobs`: null, as before.
+    let body = format!(r#"{{"prompt": [{ids:?}], "max_tokens": 2}}"#);
+    let v = call(&s, "POST", "/v1/completions", &body).await.json();
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
 }

@@ -234,7 +234,7 @@ impl Protocol for OipInfer {
         Ok(InferRequest {
             generation: Generation {
                 model: None,
-                prompts,
+                prompts: prompts.into(),
                 params,
                 stream: false,
             },
@@ -422,6 +422,7 @@ fn parse_parameters(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generation::Prompts;
 
     const LIMITS: Limits = Limits {
         max_sequences: 8,
@@ -445,7 +446,10 @@ mod tests {
             "parameters": {"max_tokens": 5, "binary_data_output": true},
         }))
         .unwrap();
-        assert_eq!(r.generation.prompts, vec!["a", "b"]);
+        assert_eq!(
+            r.generation.prompts,
+            Prompts::Text(vec!["a".into(), "b".into()])
+        );
         assert_eq!(r.shape, vec![2, 1]);
         assert_eq!(r.id.as_deref(), Some("7"));
         assert_eq!(r.generation.params.max_new_tokens, Some(5));

@@ -12,7 +12,7 @@ the usage chunk when asked, then `[DONE]`.
 */
 
 use axum::response::sse::Event;
-use gptj_scheduler::{FinishReason, Usage};
+use gptj_scheduler::{FinishReason, TokenLogprob, Usage};
 use serde_json::{json, Map, Value};
 
 use super::{answer, finish_reason, head, parse_stream_options, Completions, StreamTail};
@@ -21,7 +21,7 @@ use crate::config::ServerConfig;
 use crate::error::{ApiError, Wire};
 use crate::generation::Generation;
 use crate::params::json::{read_bool, read_string};
-use crate::params::{describe, Dialect, Limits, ParamsReader, ValidationError};
+use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
 use crate::pipeline::{Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
 
@@ -78,6 +78,7 @@ impl Protocol for ChatCompletions {
             ("min_tokens", "min_new_tokens"),
             ("n", "num_return_sequences"),
         ],
+        names: Names::Only(super::CHAT_PARAMS),
         ..Completions::DIALECT
     };
     type Request = ChatRequest;
@@ -131,7 +132,7 @@ impl Protocol for ChatCompletions {
             add_generation_prompt,
             generation: Generation {
                 model,
-                prompts: Vec::new(),
+                prompts: Vec::new().into(),
                 params,
                 stream,
             },
@@ -142,7 +143,7 @@ impl Protocol for ChatCompletions {
     fn prepare(req: &mut ChatRequest, config: &ServerConfig) -> Result<(), ApiError> {
         let template = config.chat_template.as_ref().ok_or_else(no_template)?;
         let prompt = render(template, req)?;
-        req.generation.prompts = vec![prompt];
+        req.generation.prompts = vec![prompt].into();
         Ok(())
     }
 
@@ -308,7 +309,7 @@ impl Shaper for ChatShaper {
         ))
     }
 
-    fn token(&mut self, index: usize, text: &str) -> Vec<Event> {
+    fn token(&mut self, index: usize, text: &str, _: Option<&TokenLogprob>) -> Vec<Event> {
         vec![chunk(
             &self.tail.head,
             index,
