@@ -240,6 +240,49 @@ def vllm_benchmark_request_shapes(s, c, _):
     assert json.loads(data[-2])["usage"]["completion_tokens"] == 9, data[-2]
 
 
+def lm_eval_parse_logprobs(out, ctxlens):
+    """lm-evaluation-harness's LocalCompletionsAPI.parse_logprobs, restated: per choice, the
+    summed log-probability of the tokens after the context and whether each was the most likely."""
+    res = []
+    for choice, ctxlen in zip(sorted(out["choices"], key=lambda ch: ch["index"]), ctxlens):
+        assert ctxlen > 0
+        lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        res.append((sum(lps), all(tok == max(top.values()) for tok, top in zip(lps, tops))))
+    return res
+
+
+@check
+def lm_eval_loglikelihood_request_shape(s, c, _):
+    # lm-eval's local-completions loglikelihood payload: token-id prompts, batched, echoed.
+    st, _, v = post(s, "/tokenize", {"model": MODEL, "prompt": "The capital of France is Paris"})
+    assert st == 200, v
+    ids = v["tokens"]
+    ctxlen = 5
+    other = ids[:ctxlen] + [ids[-1], ids[1]]
+    payload = {"model": MODEL, "prompt": [ids, other], "temperature": 0, "max_tokens": 1,
+               "logprobs": 1, "seed": 1234, "echo": True}
+    st, _, out = post(s, "/v1/completions", payload)
+    assert st == 200, out
+    for choice, prompt in zip(out["choices"], [ids, other]):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(prompt) + 1, lp
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None, lp
+        assert all(x <= 0 for x in lp["token_logprobs"][1:]), lp
+        assert all(1 <= len(t) <= 2 for t in lp["top_logprobs"][1:]), lp
+        # The generated (greedy) token is its position's most likely.
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values()), lp
+    res = lm_eval_parse_logprobs(out, [ctxlen, ctxlen])
+    assert all(isinstance(g, bool) and ll < 0 for ll, g in res), res
+    # Each prompt alone, through the openai SDK: the same numbers as in the batch.
+    for prompt, (ll, greedy) in zip([ids, other], res):
+        one = c.completions.create(model=MODEL, prompt=[prompt], temperature=0, max_tokens=1,
+                                   logprobs=1, seed=1234, echo=True)
+        alone = lm_eval_parse_logprobs(one.model_dump(), [ctxlen])
+        assert alone == [(ll, greedy)], (alone, ll, greedy)
+        assert one.choices[0].logprobs.text_offset[0] == 0, one
+
+
 @check
 def tritonclient_http(s, c, _):
     t = triton.InferenceServerClient(url=f"127.0.0.1:{s.port}")
