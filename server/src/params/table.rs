@@ -258,7 +258,7 @@ pub const PARAMETERS: &[Param] = &[
     Param::bias("logit_bias", |p, v| p.logit_bias = Some(v))
         .doc("OpenAI's: added to the logits of the given token ids (keys are ids as strings)"),
     Param::uint("logprobs", 0, UintMax::At(MAX_LOGPROBS), |p, v| p.logprobs = Some(v as usize))
-        .doc("OpenAI's legacy completions: report each token's log-probability and this many most likely alternatives (with `echo`, the prompt's too)"),
+        .doc("OpenAI completions only: report each token's log-probability and this many most likely alternatives (with `echo`, the prompt's too)"),
 ];
 
 /// The most alternatives `logprobs` may ask for (OpenAI's legacy completions limit).
@@ -410,10 +410,23 @@ pub struct Dialect {
 /// Which of the table's names a dialect accepts under their own name.
 #[derive(Debug, Clone, Copy)]
 pub enum Names {
-    /// Every one.
+    /// Every one but [`ONLY_NAMED`].
     All,
     /// Only these (the others only through an alias, or not at all).
     Only(&'static [&'static str]),
+}
+
+/// Parameters a dialect takes only by naming them in [`Names::Only`]: `logprobs` has a place
+/// in OpenAI's completions answer and none in KServe's V1 or V2 answers.
+pub const ONLY_NAMED: &[&str] = &["logprobs"];
+
+impl Names {
+    fn contains(self, name: &str) -> bool {
+        match self {
+            Names::All => !ONLY_NAMED.contains(&name),
+            Names::Only(list) => list.contains(&name),
+        }
+    }
 }
 
 impl Dialect {
@@ -422,20 +435,13 @@ impl Dialect {
         if let Some((_, to)) = self.aliases.iter().find(|(a, _)| *a == wire) {
             return param(to);
         }
-        match self.names {
-            Names::All => param(wire),
-            Names::Only(list) => list.contains(&wire).then(|| param(wire)).flatten(),
-        }
+        self.names.contains(wire).then(|| param(wire)).flatten()
     }
 
     /// The wire name of the table's parameter `name`: its own where the dialect accepts it,
     /// else its alias.
     pub fn wire_name(&self, name: &'static str) -> &'static str {
-        let own = match self.names {
-            Names::All => true,
-            Names::Only(list) => list.contains(&name),
-        };
-        if own {
+        if self.names.contains(name) {
             return name;
         }
         self.aliases
@@ -460,10 +466,11 @@ impl Dialect {
 
     /// Every wire name the dialect accepts, for "known parameters" messages.
     pub fn known(&self) -> Vec<&'static str> {
-        let mut out: Vec<&str> = match self.names {
-            Names::All => PARAMETERS.iter().map(|p| p.name).collect(),
-            Names::Only(list) => list.to_vec(),
-        };
+        let mut out: Vec<&str> = PARAMETERS
+            .iter()
+            .map(|p| p.name)
+            .filter(|n| self.names.contains(n))
+            .collect();
         out.extend(self.aliases.iter().map(|(a, _)| *a));
         out
     }
