@@ -46,8 +46,14 @@ use crate::telemetry;
 /// The app as served: the router behind the custom-verb rewrite.
 pub type App = MapRequest<Router, fn(Request) -> Request>;
 
-/// Where each protocol's routes live, for the shape of 404s outside any route.
-const PREFIXES: &[(&str, Wire)] = &[("/openai/", Wire::OpenAi), ("/v2/", Wire::Oip)];
+/// Where each protocol's routes live, for the shape of 404s outside any route: OpenAI's own
+/// `/v1/chat/...` and `/v1/completions/...` paths are OpenAI's, the rest of `/v1/` KServe V1's.
+const PREFIXES: &[(&str, Wire)] = &[
+    ("/openai/", Wire::OpenAi),
+    ("/v1/chat/", Wire::OpenAi),
+    ("/v1/completions/", Wire::OpenAi),
+    ("/v2/", Wire::Oip),
+];
 
 /// The whole app (see the module docs). Layers, outermost first: the custom-verb rewrite;
 /// request id, log line and request metrics ([`telemetry::observe`]); per group, the API-key

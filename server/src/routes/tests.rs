@@ -843,6 +843,21 @@ async fn openai_paths_errors_and_models() {
     let a = call(&s, "GET", "/v1/completions", "").await;
     assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(a.json()["error"]["type"], "invalid_request_error");
+    // Unknown paths under OpenAI's own `/v1/chat/` and `/v1/completions/` answer OpenAI's shape.
+    for path in [
+        "/v1/chat/nothing",
+        "/v1/chat/completions/x",
+        "/v1/completions/x",
+    ] {
+        let a = call(&s, "POST", path, "{}").await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(
+            a.json()["error"]["type"],
+            "not_found_error",
+            "{path}: {}",
+            a.text
+        );
+    }
     // models.retrieve.
     let a = call(&s, "GET", &format!("/openai/v1/models/{MODEL}"), "").await;
     assert_eq!(a.status, StatusCode::OK);
