@@ -625,3 +625,56 @@ async fn live_before_ready_while_loading() {
     );
     s.wait_ready().await;
 }
+
+/// A hub model's chat template is read from its `tokenizer_config.json` once the model is in
+/// the cache (here put there beforehand, so nothing is downloaded: no network).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_model_brings_its_chat_template() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/engine/tests/fixtures/golden/odd_heads"
+    );
+    let cache = std::env::temp_dir().join(format!("gptj-hub-chat-{}", std::process::id()));
+    let snapshot = cache.join("test-org--chatty").join("main");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(format!("{fixture}/{f}"), snapshot.join(f)).unwrap();
+    }
+    // The fixture's vocabulary is 384 ids: the rendered prompt must stay inside it.
+    let template = "{% for m in messages %}{{ m.role[0] }}:{{ m.content }};{% endfor %}a:";
+    std::fs::write(
+        snapshot.join("tokenizer_config.json"),
+        json!({"chat_template": template}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        snapshot.join(".gptj-complete"),
+        "config.json\nmodel.safetensors\ntokenizer_config.json",
+    )
+    .unwrap();
+    let cache_arg = cache.display().to_string();
+    let s = Server::start(&["--model", "test-org/chatty", "--cache-dir", &cache_arg]).await;
+    let body =
+        json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "temperature": 0});
+    let (status, v) = s.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    // The prompt is the template's.
+    let prompt = gptj_engine::Tokenizer::gptj()
+        .unwrap()
+        .encode("u:x;a:")
+        .unwrap();
+    assert!(prompt.iter().all(|&id| id < 384), "{prompt:?}");
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len(), "{v}");
+    // A prompt with ids the 384-row model does not have is the client's error, not the server's.
+    let body = json!({"prompt": "Hello world", "max_tokens": 2});
+    let (status, v) = s.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outside the vocabulary"),
+        "{v}"
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}

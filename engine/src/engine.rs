@@ -189,6 +189,8 @@ pub struct Engine {
     kv: KvPool,
     tokenizer: Tokenizer,
     description: String,
+    /// The directory the weights came from (a hub model's snapshot), if any.
+    dir: Option<PathBuf>,
 }
 
 impl Engine {
@@ -229,7 +231,10 @@ impl Engine {
             }
             Err(e) => return Err(e),
         };
-        Self::from_source(&config, &source, tokenizer, opts, dir.display().to_string())
+        let mut engine =
+            Self::from_source(&config, &source, tokenizer, opts, dir.display().to_string())?;
+        engine.dir = Some(dir.to_path_buf());
+        Ok(engine)
     }
 
     fn from_source(
@@ -298,6 +303,7 @@ impl Engine {
             kv,
             tokenizer,
             description,
+            dir: None,
         })
     }
 
@@ -391,6 +397,12 @@ impl Engine {
     /// Longest sequence (prompt plus generation) the model can attend over.
     pub fn max_context(&self) -> usize {
         self.model.config().n_positions
+    }
+
+    /// The directory the model was loaded from (for a hub model, its downloaded snapshot),
+    /// where its other files (`tokenizer_config.json`) are; `None` for a builtin model.
+    pub fn model_dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// A one-line description for logs (`builtin:tiny (random weights)`, a directory, ...).

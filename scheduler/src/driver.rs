@@ -159,7 +159,8 @@ pub fn spawn<M: Model>(model: M, config: SchedulerConfig) -> Result<SchedulerHan
         max_context,
         num_blocks,
         block_size,
-        vocab_size: model.tokenizer().vocab_size(),
+        // A small checkpoint served with GPT-J's tokenizer has fewer rows than it has ids.
+        vocab_size: model.vocab_size().min(model.tokenizer().vocab_size()),
         max_waiting_requests: config.max_waiting_requests,
         max_waiting_tokens: config.max_waiting_tokens,
     };

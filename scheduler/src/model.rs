@@ -20,6 +20,8 @@ pub trait Model: Send + 'static {
     fn max_context(&self) -> usize;
     /// The model's tokenizer (for the text of streamed tokens and stop strings).
     fn tokenizer(&self) -> &Tokenizer;
+    /// Rows of its output (token ids it can take and score).
+    fn vocab_size(&self) -> usize;
 }
 
 impl Model for gptj_engine::Engine {
@@ -37,5 +39,8 @@ impl Model for gptj_engine::Engine {
     }
     fn tokenizer(&self) -> &Tokenizer {
         gptj_engine::Engine::tokenizer(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
     }
 }

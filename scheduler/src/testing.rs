@@ -294,4 +294,8 @@ impl Model for FakeModel {
     fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
 }

@@ -178,7 +178,8 @@ pub struct HttpArgs {
     pub prefix_cache_scope: CacheScope,
     /// A Jinja chat template (HuggingFace's `chat_template` convention) for the chat
     /// completions routes, e.g. assets/chat-template.jinja. Default: the `chat_template` of a
-    /// model directory's tokenizer_config.json; without either, chat requests get 400.
+    /// model directory's or hub model's tokenizer_config.json; without either, chat requests
+    /// get 400.
     #[arg(long, env = "GPTJ_CHAT_TEMPLATE")]
     pub chat_template: Option<std::path::PathBuf>,
 }

@@ -36,7 +36,7 @@ use crate::error::{ApiError, Wire};
 use crate::generation::{self, collect_all, Finished, Generation, Submitted, Tenancy};
 use crate::params::{parse_body, Dialect, Limits, ValidationError};
 use crate::sse::{self, Shaper, StreamContext};
-use crate::state::AppState;
+use crate::state::{AppState, Backend};
 use crate::telemetry::RequestRecord;
 
 /// A wire protocol's own part of serving a generation.
@@ -54,10 +54,15 @@ pub trait Protocol: Send + Sync + 'static {
     /// Parses a JSON body (everything that does not need the tokenizer).
     fn parse(body: &Map<String, Value>, limits: Limits) -> Result<Self::Request, ValidationError>;
 
-    /// Finishes a parsed request with what needs the server's settings (the chat template
-    /// turning messages into the prompt); errors are answered as parse errors are.
-    fn prepare(req: &mut Self::Request, config: &ServerConfig) -> Result<(), ApiError> {
-        let _ = (req, config);
+    /// Finishes a parsed request with what needs the server's settings or the loaded model
+    /// (the chat template turning messages into the prompt); errors are answered as parse
+    /// errors are.
+    fn prepare(
+        req: &mut Self::Request,
+        config: &ServerConfig,
+        backend: &Backend,
+    ) -> Result<(), ApiError> {
+        let _ = (req, config, backend);
         Ok(())
     }
 
@@ -294,7 +299,7 @@ async fn run<P: Protocol>(
     let config = state.config();
     let body = read_json(body, config.body_limit, config.body_read_timeout).await?;
     let mut req = P::parse(&body, config.limits())?;
-    P::prepare(&mut req, config)?;
+    P::prepare(&mut req, config, &backend)?;
     let generation = P::generation(&req);
     if let Some(m) = &generation.model {
         check_model(&state, m)?;

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use gptj_cli::ModelArgs;
 
+use crate::chat_template::ChatTemplate;
 use crate::cli::ServeArgs;
 use crate::config::{listen_addr, ServerConfig};
 use crate::state::{AppState, Backend};
@@ -144,6 +145,13 @@ pub fn load(
     metrics::cache_config(engine.block_size(), engine.num_kv_blocks());
     let tokenizer = engine.tokenizer().clone();
     let max_context = engine.max_context();
+    // A hub model's files are known only now; a directory's template was read at startup.
+    let chat_template = match (&model.model, engine.model_dir()) {
+        (gptj_engine::ModelSpec::Hub { .. }, Some(dir)) => {
+            ChatTemplate::from_model_dir(dir).map_err(anyhow::Error::msg)?
+        }
+        _ => None,
+    };
     let scheduler = gptj_scheduler::spawn(engine, scheduler)?;
-    Ok(Backend::new(scheduler, tokenizer, max_context))
+    Ok(Backend::new(scheduler, tokenizer, max_context).with_chat_template(chat_template))
 }

@@ -17,6 +17,7 @@ use gptj_scheduler::SchedulerHandle;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Notify;
 
+use crate::chat_template::ChatTemplate;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::tokenize::PromptTokenizer;
@@ -46,6 +47,9 @@ pub struct Backend {
     pub prompts: PromptTokenizer,
     /// Prompt plus generation, at most.
     pub max_context: usize,
+    /// The chat template a hub model brought (its `tokenizer_config.json`, known once it is
+    /// downloaded); `--chat-template` and a model directory's are in the config.
+    pub chat_template: Option<ChatTemplate>,
 }
 
 impl Backend {
@@ -55,6 +59,15 @@ impl Backend {
             scheduler,
             prompts: PromptTokenizer::new(tokenizer, max_context),
             max_context,
+            chat_template: None,
+        }
+    }
+
+    /// With the chat template the model brought.
+    pub fn with_chat_template(self, chat_template: Option<ChatTemplate>) -> Self {
+        Self {
+            chat_template,
+            ..self
         }
     }
 }

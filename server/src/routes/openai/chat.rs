@@ -24,6 +24,7 @@ use crate::params::json::{read_bool, read_string};
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
 use crate::pipeline::{Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
+use crate::state::Backend;
 
 /// A parsed chat body; the prompt is rendered by [`Protocol::prepare`].
 #[derive(Debug, Clone, PartialEq)]
@@ -140,8 +141,16 @@ impl Protocol for ChatCompletions {
         })
     }
 
-    fn prepare(req: &mut ChatRequest, config: &ServerConfig) -> Result<(), ApiError> {
-        let template = config.chat_template.as_ref().ok_or_else(no_template)?;
+    fn prepare(
+        req: &mut ChatRequest,
+        config: &ServerConfig,
+        backend: &Backend,
+    ) -> Result<(), ApiError> {
+        let template = config
+            .chat_template
+            .as_ref()
+            .or(backend.chat_template.as_ref())
+            .ok_or_else(no_template)?;
         let prompt = render(template, req)?;
         req.generation.prompts = vec![prompt].into();
         Ok(())
