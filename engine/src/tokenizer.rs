@@ -173,11 +173,13 @@ impl Tokenizer {
     /// name (`<|endoftext|>`), invalid UTF-8 (a piece of a character) as U+FFFD, an id past
     /// the vocabulary as nothing.
     pub fn token_text(&self, id: u32) -> String {
-        self.table
-            .bytes
-            .get(id as usize)
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_default()
+        String::from_utf8_lossy(self.token_bytes(id)).into_owned()
+    }
+
+    /// One token's bytes (its text before UTF-8 decoding; a special token's name); empty
+    /// for an id past the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.table.bytes.get(id as usize).map_or(&[], |b| b)
     }
 
     /// A fresh incremental decoder for one stream of generated tokens.

@@ -172,6 +172,25 @@ def chat_plain_and_stream(s, c, _):
 
 
 @check
+def logprobs_through_the_sdk(s, c, _):
+    # Completions: the legacy listing, as the SDK types it.
+    a = c.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, logprobs=2)
+    lp = a.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset), lp
+    assert len(lp.tokens) == a.usage.completion_tokens, (lp, a.usage)
+    assert all(x <= 0 for x in lp.token_logprobs), lp
+    # Chat: logprobs.content entries with token, logprob, bytes and top_logprobs.
+    msgs = [{"role": "user", "content": "Hi"}]
+    b = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0,
+                                  logprobs=True, top_logprobs=2)
+    content = b.choices[0].logprobs.content
+    assert len(content) == b.usage.completion_tokens, b
+    for e in content:
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token, e
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob, e
+
+
+@check
 def models_list_and_retrieve(s, c, c_openai):
     for client in (c, c_openai):
         ids = [m.id for m in client.models.list()]

@@ -1364,3 +1364,63 @@ async fn logprobs_over_token_prompts_echo_and_streams() {
     assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
     assert_eq!(v["usage"]["prompt_tokens"], ids.len());
 }
+
+#[tokio::test]
+async fn chat_logprobs_in_openai_s_shape_plain_and_streamed() {
+    let s = ready(&["--chat-template", CHAT_TEMPLATE]);
+    let ask = |extra: &str| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 3{extra}}}"#
+        )
+    };
+    let v = call(&s, "POST", "/v1/chat/completions", &ask(""))
+        .await
+        .json();
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len(),
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        "{v}"
+    );
+    let mut text = String::new();
+    for e in &content {
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(e["token"], String::from_utf8_lossy(&bytes).as_ref());
+        text.push_str(e["token"].as_str().unwrap());
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely, with the same value.
+        assert_eq!(top[0]["token"], e["token"]);
+        assert_eq!(top[0]["logprob"], e["logprob"]);
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    assert_eq!(v["choices"][0]["message"]["content"], text, "{v}");
+    // Streamed: the chunks' entries, in order, are the same.
+    let a = call(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        &ask(r#", "stream": true"#),
+    )
+    .await;
+    let (events, done) = sse_events(&a.text);
+    assert!(done);
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content);
+    // Without `logprobs`, none.
+    let body = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#;
+    let v = call(&s, "POST", "/v1/chat/completions", body).await.json();
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+}

@@ -8,11 +8,15 @@ the same parameters (plus `max_completion_tokens`, the newer name of `max_tokens
 `chat.completion` whose choices hold `message: {"role": "assistant", "content"}`; streamed,
 each choice first gets a `chat.completion.chunk` whose `delta` is the role, then one per piece
 of text (`delta: {"content"}`), then one with an empty `delta` and its `finish_reason`, then
-the usage chunk when asked, then `[DONE]`.
+the usage chunk when asked, then `[DONE]`. With `logprobs: true` (and `top_logprobs` 0 to
+20) each choice's `logprobs.content` lists every generated token
+([`super::logprobs::chat_entry`]); streamed, each token's chunk carries its own entry.
 */
 
 use axum::response::sse::Event;
-use gptj_scheduler::{FinishReason, TokenLogprob, Usage};
+use gptj_scheduler::{FinishReason, LogprobsRequest, TokenLogprob, Usage};
+
+use super::logprobs::chat_entry;
 use serde_json::{json, Map, Value};
 
 use super::{answer, finish_reason, head, parse_stream_options, Completions, StreamTail};
@@ -20,7 +24,7 @@ use crate::chat_template::{ChatTemplate, Message};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, Wire};
 use crate::generation::Generation;
-use crate::params::json::{read_bool, read_string};
+use crate::params::json::{read_bool, read_string, read_uint};
 use crate::params::{describe, Dialect, Limits, Names, ParamsReader, ValidationError};
 use crate::pipeline::{Outcome, Protocol, Start};
 use crate::sse::{json_event, Shaper};
@@ -48,6 +52,7 @@ const OWN_FIELDS: &[&str] = &[
     "user",
     "add_generation_prompt",
     "logprobs",
+    "top_logprobs",
 ];
 
 /// The fields OpenAI defines for chat that this server does not implement.
@@ -57,7 +62,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("functions", "function calls are not supported"),
     ("function_call", "function calls are not supported"),
     ("response_format", "structured output is not supported"),
-    ("top_logprobs", "log probabilities are not supported"),
 ];
 
 /// `POST /openai/v1/chat/completions`.
@@ -95,6 +99,7 @@ impl Protocol for ChatCompletions {
         let mut stream = false;
         let mut include_usage = false;
         let mut add_generation_prompt = true;
+        let (mut logprobs, mut top_logprobs) = (false, None);
         for (key, v) in body {
             let f = key.as_str();
             if reader.read(f, v)? || v.is_null() {
@@ -112,10 +117,9 @@ impl Protocol for ChatCompletions {
                 "user" => {
                     read_string(f, v)?;
                 }
-                "logprobs" => {
-                    if read_bool(f, v)? {
-                        return Err(refused(f, "log probabilities are not supported"));
-                    }
+                "logprobs" => logprobs = read_bool(f, v)?,
+                "top_logprobs" => {
+                    top_logprobs = Some(read_uint(f, v, 0, LogprobsRequest::MAX_TOP as u64)?)
                 }
                 other => return Err(reader.unknown(other, OWN_FIELDS)),
             }
@@ -124,6 +128,15 @@ impl Protocol for ChatCompletions {
             field: "messages".into(),
             what: "an array of {\"role\", \"content\"} objects",
         })?;
+        if top_logprobs.is_some() && !logprobs {
+            return Err(refused(
+                "top_logprobs",
+                "needs `logprobs: true` (OpenAI's rule)",
+            ));
+        }
+        if logprobs {
+            reader.params_mut().logprobs = Some(top_logprobs.unwrap_or(0) as usize);
+        }
         let p = reader.params_mut();
         p.do_sample = Some(p.temperature != Some(0.0));
         p.return_full_text = Some(false);
@@ -166,10 +179,18 @@ impl Protocol for ChatCompletions {
             .iter()
             .enumerate()
             .map(|(i, f)| {
+                let logprobs = out.submitted.plan(i).logprobs.map(|_| {
+                    let content: Vec<Value> = f
+                        .logprobs
+                        .iter()
+                        .map(|lp| chat_entry(out.tokenizer, lp))
+                        .collect();
+                    json!({"content": content})
+                });
                 json!({
                     "index": i,
                     "message": {"role": "assistant", "content": out.text(i)},
-                    "logprobs": null,
+                    "logprobs": logprobs,
                     "finish_reason": finish_reason(&f.reason),
                 })
             })
@@ -183,6 +204,7 @@ impl Protocol for ChatCompletions {
         Some(Box::new(ChatShaper {
             tail: StreamTail::new(head, req.include_usage, start),
             roles: 0..choices,
+            tokenizer: start.tokenizer.clone(),
         }))
     }
 }
@@ -291,11 +313,21 @@ fn parse_content(field: &str, v: &Value) -> Result<String, ValidationError> {
 }
 
 fn chunk(head: &Value, index: usize, delta: Value, finish: Option<&str>) -> Event {
+    chunk_with(head, index, delta, Value::Null, finish)
+}
+
+fn chunk_with(
+    head: &Value,
+    index: usize,
+    delta: Value,
+    logprobs: Value,
+    finish: Option<&str>,
+) -> Event {
     let mut v = head.clone();
     v["choices"] = json!([{
         "index": index,
         "delta": delta,
-        "logprobs": null,
+        "logprobs": logprobs,
         "finish_reason": finish,
     }]);
     json_event(&v)
@@ -305,6 +337,7 @@ struct ChatShaper {
     tail: StreamTail,
     /// The choices still to announce with their `role` delta.
     roles: std::ops::Range<usize>,
+    tokenizer: gptj_scheduler::Tokenizer,
 }
 
 impl Shaper for ChatShaper {
@@ -318,11 +351,16 @@ impl Shaper for ChatShaper {
         ))
     }
 
-    fn token(&mut self, index: usize, text: &str, _: Option<&TokenLogprob>) -> Vec<Event> {
-        vec![chunk(
+    fn token(&mut self, index: usize, text: &str, logprob: Option<&TokenLogprob>) -> Vec<Event> {
+        let logprobs = logprob.map_or(
+            Value::Null,
+            |lp| json!({"content": [chat_entry(&self.tokenizer, lp)]}),
+        );
+        vec![chunk_with(
             &self.tail.head,
             index,
             json!({"content": text}),
+            logprobs,
             None,
         )]
     }
@@ -401,8 +439,12 @@ mod tests {
                 "two ways",
             ),
             (
-                json!({"messages": m, "logprobs": true}),
-                "log probabilities",
+                json!({"messages": m, "top_logprobs": 2}),
+                "needs `logprobs: true`",
+            ),
+            (
+                json!({"messages": m, "logprobs": true, "top_logprobs": 21}),
+                "`top_logprobs`",
             ),
         ];
         for (body, needle) in cases {

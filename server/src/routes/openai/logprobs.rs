@@ -1,5 +1,7 @@
 /*!
-OpenAI's legacy completions `logprobs` object: four parallel arrays over the listed tokens.
+OpenAI's log-probability listings: chat's `logprobs.content` ([`chat_entry`]: one object per
+token with its `top_logprobs`), and the legacy completions `logprobs` object ([`Listing`]),
+four parallel arrays over the listed tokens:
 
 ```json
 {"tokens": ["Hello", ","], "token_logprobs": [null, -2.1],
@@ -95,6 +97,22 @@ impl Listing {
         self.token_logprobs.push(logprob);
         self.top_logprobs.push(top);
     }
+}
+
+/// One token of chat completions' `logprobs.content`: its text, log-probability and bytes
+/// (which keep what the text cannot: a piece of a UTF-8 character), and the `top` most likely
+/// tokens at its position in the same form.
+pub fn chat_entry(tokenizer: &Tokenizer, lp: &TokenLogprob) -> Value {
+    let one = |id: u32, logprob: f32| {
+        json!({
+            "token": tokenizer.token_text(id),
+            "logprob": number(logprob),
+            "bytes": tokenizer.token_bytes(id),
+        })
+    };
+    let mut entry = one(lp.id, lp.logprob);
+    entry["top_logprobs"] = lp.top.iter().map(|&(id, l)| one(id, l)).collect();
+    entry
 }
 
 /// A log-probability as JSON: `-inf` (a token the model rules out entirely) has no JSON
