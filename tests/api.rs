@@ -676,5 +676,14 @@ async fn a_hub_model_brings_its_chat_template() {
             .contains("outside the vocabulary"),
         "{v}"
     );
+    // Given as ids, the position is named against the same bound.
+    let body = json!({"prompt": [1, 2, 400], "max_tokens": 2});
+    let (status, v) = s.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("token 2") && message.contains("[0, 384)"),
+        "{v}"
+    );
     let _ = std::fs::remove_dir_all(&cache);
 }

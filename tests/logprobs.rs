@@ -91,13 +91,25 @@ async fn echo_logprobs_equal_hf_alone_and_in_a_batch() {
         );
         alone.push((ids, lp.clone()));
     }
-    // All four at once (one batch, their prefills sharing steps): the same listings, bit for bit.
-    let bodies: Vec<Value> = alone.iter().map(|(ids, _)| request(ids)).collect();
-    let together =
-        futures_util::future::join_all(bodies.iter().map(|b| s.post_json("/v1/completions", b)))
-            .await;
-    for ((_, want), (status, v)) in alone.iter().zip(&together) {
-        assert_eq!(*status, 200, "{v}");
-        assert_eq!(&v["choices"][0]["logprobs"], want);
+    // All four in one request, as lm-eval batches them: its jobs are submitted together and
+    // share steps (fewer steps than prompts), and each listing is the same, bit for bit.
+    const STEPS: &str = "gptj_iteration_tokens_count";
+    let steps_before = s.metrics().await.sum(STEPS, &[]);
+    let ids: Vec<&Vec<u32>> = alone.iter().map(|(ids, _)| ids).collect();
+    let body = json!({"model": common::MODEL, "prompt": ids, "echo": true, "logprobs": 5, "max_tokens": 1, "temperature": 0});
+    let (status, v) = s.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let steps = s.metrics().await.sum(STEPS, &[]) - steps_before;
+    eprintln!(
+        "logprobs: {} prompts in one request ran in {steps} steps",
+        alone.len()
+    );
+    assert!(
+        steps < alone.len() as f64,
+        "{steps} steps for {} prompts: not batched",
+        alone.len()
+    );
+    for (i, (_, want)) in alone.iter().enumerate() {
+        assert_eq!(&v["choices"][i]["logprobs"], want, "prompt {i}");
     }
 }

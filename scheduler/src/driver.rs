@@ -441,6 +441,12 @@ impl SchedulerHandle {
         self.shared.limits.max_context
     }
 
+    /// Token ids a job may contain are below this: the model's rows, or the tokenizer's ids
+    /// if fewer.
+    pub fn vocab_size(&self) -> usize {
+        self.shared.limits.vocab_size
+    }
+
     /// Graceful shutdown: refuse new jobs from now on, let the jobs in flight finish, then
     /// stop the thread. Jobs still unfinished at `deadline` (if any) end with
     /// [`FinishReason::Cancelled`]. Returns at once; see [`stopped`](Self::stopped) and

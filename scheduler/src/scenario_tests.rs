@@ -11,7 +11,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::batcher::{Batcher, Counters, NewJob};
 use crate::job::{FinishReason, JobEvent, JobRequest, LogprobsRequest, Usage};
 use crate::policy::PolicyKind;
-use crate::testing::{hash_rule, tokenizer, FakeModel};
+use crate::testing::{hash_rule, hash_rule_logprob, tokenizer, FakeModel};
 use crate::{SchedulerConfig, SchedulerKind};
 use gptj_engine::LogitRows;
 
@@ -619,19 +619,6 @@ fn sampling_is_reproducible_whatever_shares_the_batch() {
     );
 }
 
-/// What the fake model's one-hot logits (10 at the rule's token, -10 elsewhere) give `token`
-/// after `ctx`, by the definition of log-softmax.
-fn fake_logprob(ctx: &[u32], token: u32) -> f32 {
-    let vocab = 50400.0; // the fake model's row width, GPT-J's
-    let lse = (10f64.exp() + (vocab - 1.0) * (-10f64).exp()).ln();
-    let l = if hash_rule()(ctx) == token {
-        10.0
-    } else {
-        -10.0
-    };
-    (l - lse) as f32
-}
-
 fn with_logprobs(prompt: Vec<u32>, n: usize, top: usize) -> JobRequest {
     JobRequest {
         logprobs: Some(LogprobsRequest { top, prompt: true }),
@@ -648,7 +635,7 @@ fn check_logprobs(p: &[u32], o: &Outcome, top: usize) {
     for (t, lp) in prompt.iter().chain(&o.logprobs).enumerate() {
         let (ctx, token) = (&all[..=t], all[t + 1]);
         assert_eq!(lp.id, token, "position {t}");
-        let want = fake_logprob(ctx, token);
+        let want = hash_rule_logprob(ctx, token) as f32;
         assert!(
             (lp.logprob - want).abs() < 1e-6,
             "position {t}: {} vs {want}",

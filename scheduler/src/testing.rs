@@ -47,6 +47,26 @@ pub fn hash_rule() -> Rule {
     })
 }
 
+/// The logit the fake model gives the token its rule picks, and every other token.
+const PICKED_LOGIT: f32 = 10.0;
+const OTHER_LOGIT: f32 = -10.0;
+/// Rows of the fake model's logits (GPT-J's).
+const VOCAB: usize = 50400;
+
+/// The fake model's log-probability of `token` after `ctx` under the default rule
+/// ([`hash_rule`]) over its rows, by the definition of log-softmax: what a server
+/// that reports log-probabilities must report for it.
+pub fn hash_rule_logprob(ctx: &[u32], token: u32) -> f64 {
+    let (picked, other) = (f64::from(PICKED_LOGIT), f64::from(OTHER_LOGIT));
+    let lse = (picked.exp() + (VOCAB - 1) as f64 * other.exp()).ln();
+    let l = if hash_rule()(ctx) == token {
+        picked
+    } else {
+        other
+    };
+    l - lse
+}
+
 /// One row of a recorded step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedRow {
@@ -124,7 +144,7 @@ impl FakeModel {
             num_blocks,
             block_size,
             max_context: 2048,
-            vocab: 50400,
+            vocab: VOCAB,
             slots: vec![None; num_blocks * block_size],
             rule: hash_rule(),
             poison: None,
@@ -248,7 +268,7 @@ impl Model for FakeModel {
         }
         let bs = self.block_size;
         let wanted: usize = rows.iter().map(|r| r.logits.count(r.tokens.len())).sum();
-        let mut data = vec![-10.0f32; wanted * self.vocab];
+        let mut data = vec![OTHER_LOGIT; wanted * self.vocab];
         let mut out_row = 0;
         let mut ctx = Vec::new();
         for row in rows {
@@ -272,7 +292,7 @@ impl Model for FakeModel {
                         self.vocab
                     )));
                 }
-                data[out_row * self.vocab + next] = 10.0;
+                data[out_row * self.vocab + next] = PICKED_LOGIT;
                 out_row += 1;
             }
         }

@@ -333,7 +333,7 @@ pub async fn submit(
             )
         }
         Prompts::Tokens(ids) => {
-            check_token_prompts(ids, tokenizer.vocab_size(), at)?;
+            check_token_prompts(ids, backend.scheduler.vocab_size(), at)?;
             let texts = ids.iter().map(|p| tokenizer.decode(p)).collect();
             (ids.clone(), texts)
         }

@@ -246,13 +246,8 @@ impl Protocol for Completions {
         let echo: Vec<usize> = (0..seqs)
             .filter(|&seq| start.submitted.echo(seq) && !with_logprobs(seq))
             .collect();
-        let listings = (0..seqs)
-            .map(|seq| {
-                with_logprobs(seq).then(|| {
-                    let (text, _) = start.submitted.prompt(seq);
-                    Listing::at(text.chars().count())
-                })
-            })
+        let offsets = (0..seqs)
+            .map(|seq| with_logprobs(seq).then(|| start.submitted.prompt(seq).0.chars().count()))
             .collect();
         Some(Box::new(CompletionShaper {
             tail: StreamTail::new(head, req.include_usage, start),
@@ -261,7 +256,7 @@ impl Protocol for Completions {
             per_prompt: k,
             echo: echo.into_iter(),
             tokenizer: start.tokenizer.clone(),
-            listings,
+            offsets,
         }))
     }
 }
@@ -406,7 +401,7 @@ struct CompletionShaper {
     echo: std::vec::IntoIter<usize>,
     tokenizer: gptj_scheduler::Tokenizer,
     /// Per choice that asked for log-probabilities: where its next token's text starts.
-    listings: Vec<Option<Listing>>,
+    offsets: Vec<Option<usize>>,
 }
 
 impl Shaper for CompletionShaper {
@@ -435,12 +430,12 @@ impl Shaper for CompletionShaper {
     }
 
     fn token(&mut self, index: usize, text: &str, logprob: Option<&TokenLogprob>) -> Vec<Event> {
-        let logprobs = match (logprob, self.listings.get_mut(index)) {
-            (Some(lp), Some(Some(listing))) => {
-                // One token per chunk: a fresh listing at this choice's running offset.
-                let mut one = Listing::at(listing.offset());
+        let logprobs = match (logprob, self.offsets.get_mut(index)) {
+            (Some(lp), Some(Some(offset))) => {
+                // One token per chunk: a listing of it at this choice's running offset.
+                let mut one = Listing::at(*offset);
                 one.push(&self.tokenizer, lp);
-                *listing = Listing::at(one.offset());
+                *offset = one.offset();
                 Some(one.to_json())
             }
             _ => None,

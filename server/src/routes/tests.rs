@@ -1258,18 +1258,6 @@ async fn logit_bias_and_penalties_steer_the_sampler() {
     );
 }
 
-/// The fake model's log-probability of `token` after `ctx` (its logits are 10 at the rule's
-/// token and -10 elsewhere, over 50400 ids).
-fn fake_logprob(ctx: &[u32], token: u32) -> f64 {
-    let lse = (10f64.exp() + 50399.0 * (-10f64).exp()).ln();
-    let l = if gptj_scheduler::testing::hash_rule()(ctx) == token {
-        10.0
-    } else {
-        -10.0
-    };
-    l - lse
-}
-
 #[tokio::test]
 async fn logprobs_over_token_prompts_echo_and_streams() {
     let s = ready(&[]);
@@ -1304,7 +1292,7 @@ async fn logprobs_over_token_prompts_echo_and_streams() {
         assert_eq!(tokens[t], tokenizer().token_text(id), "position {t}");
     }
     for t in 1..all.len() {
-        let want = fake_logprob(&all[..t], all[t]);
+        let want = gptj_scheduler::testing::hash_rule_logprob(&all[..t], all[t]);
         let got = lp["token_logprobs"][t].as_f64().unwrap();
         assert!((got - want).abs() < 1e-5, "position {t}: {got} vs {want}");
         let top = lp["top_logprobs"][t].as_object().unwrap();
