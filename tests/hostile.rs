@@ -230,6 +230,29 @@ async fn slow_and_idle_clients_are_timed_out_and_connections_capped() {
     let keep_alive = t.elapsed();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(closed, "an idle keep-alive connection was kept open");
+    // A keep-alive connection in steady use outlives both timeouts: each quick answer ends
+    // the head being timed, and the idle clock restarts after each response.
+    let mut c = connect(&s, None).await;
+    let t = Instant::now();
+    let mut answered = 0;
+    while t.elapsed() < Duration::from_secs(3) {
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+            .await
+            .expect("an answer on a connection in use")
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "request {answered} after {:?} on a busy keep-alive connection: {text:?}",
+            t.elapsed()
+        );
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     // A body trickled a byte at a time.
     let mut c = connect(&s, None).await;
     let head = format!(

@@ -24,7 +24,7 @@ the connections still open until a deadline and drops them.
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,11 +44,16 @@ pub use crate::config::ConnectionLimits as Limits;
 use crate::metrics;
 use crate::routes::App;
 
-/// What a connection's IO and its service share: whether a request is being served.
+/// What a connection's IO and its service share: whether a request is being served, and how
+/// many have been handed to the service.
 #[derive(Debug, Default)]
 struct ConnState {
     /// A request has been handed to the service and its response has not ended.
     busy: AtomicBool,
+    /// Requests handed to the service so far. The IO side compares it with the count it last
+    /// saw: a request can be parsed, served and answered without the IO side ever seeing
+    /// `busy` (a quick answer between two reads), and the head it was timing is then done.
+    requests: AtomicU64,
 }
 
 /// Runs the accept loop on `listener` until `shutdown` resolves, then gives the open
@@ -149,6 +154,7 @@ async fn serve_connection(
         let state = Arc::clone(&state);
         async move {
             state.busy.store(true, Ordering::SeqCst);
+            state.requests.fetch_add(1, Ordering::SeqCst);
             let response = app.oneshot(req.map(axum::body::Body::new)).await?;
             Ok::<_, std::convert::Infallible>(idle_when_done(response, state))
         }
@@ -229,7 +235,10 @@ struct Guarded {
     idle_since: Instant,
     /// When the first byte of the next request head arrived while idle.
     head_started: Option<Instant>,
+    /// A request was seen in progress (or counted) since the connection was last idle.
     was_busy: bool,
+    /// The value of [`ConnState::requests`] last seen.
+    requests_seen: u64,
     read_timer: Pin<Box<Sleep>>,
     write_timer: Option<Pin<Box<Sleep>>>,
 }
@@ -244,6 +253,7 @@ impl Guarded {
             idle_since: now,
             head_started: None,
             was_busy: false,
+            requests_seen: 0,
             read_timer: Box::pin(tokio::time::sleep_until(
                 (now + limits.keep_alive_timeout).into(),
             )),
@@ -254,7 +264,7 @@ impl Guarded {
     /// The read deadline now: none while a request is served (the pipeline bounds body
     /// reads), the header deadline once a head has started, else the keep-alive deadline.
     fn read_deadline(&mut self) -> Option<Instant> {
-        let busy = self.state.busy.load(Ordering::SeqCst);
+        let busy = self.observe();
         if busy {
             self.was_busy = true;
             self.head_started = None;
@@ -268,6 +278,19 @@ impl Guarded {
             Some(t) => t + self.limits.header_read_timeout,
             None => self.idle_since + self.limits.keep_alive_timeout,
         })
+    }
+
+    /// Catches up with the service side; returns whether a request is in progress. A request
+    /// handed over since the last look ends the head being timed, and the idle time restarts
+    /// once its response is done.
+    fn observe(&mut self) -> bool {
+        let requests = self.state.requests.load(Ordering::SeqCst);
+        if requests != self.requests_seen {
+            self.requests_seen = requests;
+            self.head_started = None;
+            self.was_busy = true;
+        }
+        self.state.busy.load(Ordering::SeqCst)
     }
 }
 
@@ -284,10 +307,7 @@ impl AsyncRead for Guarded {
         let before = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                if buf.filled().len() > before
-                    && self.head_started.is_none()
-                    && !self.state.busy.load(Ordering::SeqCst)
-                {
+                if buf.filled().len() > before && !self.observe() && self.head_started.is_none() {
                     self.head_started = Some(Instant::now());
                 }
                 Poll::Ready(r)
