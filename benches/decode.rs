@@ -81,6 +81,14 @@ fn main() {
         bench.shape, bench.context, bench.steps
     );
     print!("{}", markdown_table(&rows, gbps));
+    #[cfg(target_arch = "x86_64")]
+    {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "\nlinear layers against the dot-product peaks (`gptj_engine::bench::dot_peak`)\n"
+        );
+        print!("{}", gptj_engine::bench::peak_table(&rows, threads));
+    }
     if let Some(path) = json {
         let rows: Vec<_> = rows
             .iter()
@@ -88,7 +96,7 @@ fn main() {
                 serde_json::json!({
                     "shape": format!("{:?}", bench.shape), "precision": r.precision.to_string(), "batch": r.batch,
                     "ms_per_step": r.step_ms(), "tokens_per_s": r.tokens_per_s(),
-                    "weight_bytes": r.weight_bytes, "floor_ms": r.floor_ms(gbps), "memory_gbps": gbps,
+                    "weight_bytes": r.weight_bytes, "linear_macs": r.linear_macs, "floor_ms": r.floor_ms(gbps), "memory_gbps": gbps,
                 })
             })
             .collect();

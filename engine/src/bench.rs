@@ -11,6 +11,9 @@ use crate::engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
 use crate::paged::KvPool;
 use crate::precision::Precision;
 
+#[cfg(target_arch = "x86_64")]
+pub use crate::cpu::peak::{dot_peak, DotKind};
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct DecodeBench {
@@ -39,6 +42,9 @@ pub struct DecodeRow {
     pub step: Duration,
     /// Bytes of weights a step reads.
     pub weight_bytes: usize,
+    /// Multiply-accumulates of the step's linear layers (`batch` x the weights' elements;
+    /// attention's, which grow with the context, are not counted).
+    pub linear_macs: u64,
 }
 
 impl DecodeRow {
@@ -50,6 +56,21 @@ impl DecodeRow {
     /// Output tokens per second across the batch.
     pub fn tokens_per_s(&self) -> f64 {
         self.batch as f64 / self.step.as_secs_f64()
+    }
+
+    /// The linear layers' multiply-accumulates per second.
+    pub fn macs_per_s(&self) -> f64 {
+        self.linear_macs as f64 / self.step.as_secs_f64()
+    }
+
+    /// The instruction whose peak bounds this precision's products.
+    #[cfg(target_arch = "x86_64")]
+    pub fn dot_kind(&self) -> DotKind {
+        match self.precision {
+            Precision::Q8_0 => DotKind::Int8,
+            Precision::Bf16 => DotKind::Bf16,
+            Precision::Native | Precision::F32 | Precision::F16 => DotKind::F32,
+        }
     }
 
     /// The memory-bound floor of one step at `gbps` GB/s, in milliseconds.
@@ -170,10 +191,18 @@ impl DecodeBench {
                 batch,
                 step,
                 weight_bytes: engine.streamed_weight_bytes(),
+                linear_macs: (batch * linear_params(&config)) as u64,
             });
         }
         Ok(rows)
     }
+}
+
+/// Elements of the weights one token multiplies through: per layer the attention's four
+/// projections and the MLP's two, then the LM head.
+fn linear_params(c: &crate::GptjConfig) -> usize {
+    let d = c.n_embd;
+    c.n_layer * (4 * d * d + 2 * d * c.inner_dim()) + d * c.vocab_size
 }
 
 /// A markdown table of `rows`, with the floor at `gbps` GB/s.
@@ -192,6 +221,42 @@ pub fn markdown_table(rows: &[DecodeRow], gbps: f64) -> String {
             r.tokens_per_s(),
             r.weight_bytes as f64 / 1e6,
             ms / floor
+        ));
+    }
+    out
+}
+
+/// A markdown table of the machine's dot-product peaks (all `threads` at once) and of each
+/// row's linear multiply-accumulates as a fraction of its precision's peak.
+#[cfg(target_arch = "x86_64")]
+pub fn peak_table(rows: &[DecodeRow], threads: usize) -> String {
+    let kinds = [DotKind::Int8, DotKind::Bf16, DotKind::F32];
+    let peaks: Vec<(DotKind, Option<f64>)> =
+        kinds.iter().map(|&k| (k, dot_peak(k, threads))).collect();
+    let peak_of = |k: DotKind| peaks.iter().find(|(p, _)| *p == k).and_then(|(_, v)| *v);
+    let mut out = format!("| instruction | peak, {threads} threads |\n| --- | ---: |\n");
+    for (k, v) in &peaks {
+        let v = v.map_or("not on this CPU".to_string(), |v| {
+            format!("{:.0} GMAC/s", v / 1e9)
+        });
+        out.push_str(&format!("| {} | {v} |\n", k.name()));
+    }
+    out.push_str(
+        "\n| precision | batch | linear GMAC/step | GMAC/s | against | fraction of peak |\n\
+         | --- | ---: | ---: | ---: | --- | ---: |\n",
+    );
+    for r in rows {
+        let k = r.dot_kind();
+        let fraction = peak_of(k).map_or("-".to_string(), |p| {
+            format!("{:.0}%", 100.0 * r.macs_per_s() / p)
+        });
+        out.push_str(&format!(
+            "| {} | {} | {:.2} | {:.0} | {} | {fraction} |\n",
+            r.precision,
+            r.batch,
+            r.linear_macs as f64 / 1e9,
+            r.macs_per_s() / 1e9,
+            k.name()
         ));
     }
     out

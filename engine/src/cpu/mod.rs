@@ -15,6 +15,8 @@ use half::{bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod peak;
 pub(crate) mod vector;
 
 /// f32 lanes in one 512-bit register: the kernels' unit of columns (linear) and of positions
@@ -49,6 +51,27 @@ impl Avx512 {
                 && is_x86_feature_detected!("fma")
         });
         DETECTED.then_some(Self { _detected: () })
+    }
+}
+
+/// Proof that the CPU also has AVX-512 BF16 (`vdpbf16ps`), on top of [`Avx512`]'s features.
+/// Only [`Avx512::bf16_dot`] makes one; `GPTJ_CPU_BF16_DOT=0` withholds it (for A/B runs
+/// against the widening f32 kernel).
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bf16Dot {
+    _detected: (),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    /// The bf16 dot-product token where the CPU has AVX-512 BF16, else `None`.
+    pub(crate) fn bf16_dot(self) -> Option<Bf16Dot> {
+        static DETECTED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+            std::env::var("GPTJ_CPU_BF16_DOT").map_or(true, |v| v != "0")
+                && is_x86_feature_detected!("avx512bf16")
+        });
+        DETECTED.then_some(Bf16Dot { _detected: () })
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::cpu::avx512::exp16;
 use crate::cpu::{Avx512, Elem, LANES};
@@ -109,6 +109,61 @@ pub(crate) unsafe fn float_tile<const R: usize, const C: usize, T: Elem>(t: Floa
     }
     // SAFETY: `out` covers the tile.
     unsafe { store_acc(&acc, t.out, t.out_stride) };
+}
+
+/// Pointers for one bf16 pair tile (see `bf16_pair_tile`): weights in pair panels
+/// `[k / 2][16 columns][2]`, bf16 input rows.
+pub(crate) struct PairTile {
+    pub x: *const bf16,
+    pub x_stride: usize,
+    pub w: *const bf16,
+    /// Elements between the panels of consecutive column groups.
+    pub w_stride: usize,
+    /// Inputs, even.
+    pub len: usize,
+    pub out: *mut f32,
+    pub out_stride: usize,
+    pub bias: Start,
+}
+
+/// `R` rows times `C * 16` columns of bf16 over `len` inputs (even), two at a time: per pair,
+/// `C` weight loads, `R` broadcasts of an input pair and `R * C` `vdpbf16ps`, each adding
+/// both products of a pair into the output's f32 accumulator. No widening: the weights and
+/// inputs go to the dot-product unit as stored.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and BF16 (an [`Avx512`] and a `Bf16Dot` token are in hand);
+/// `x` covers `R` rows of `len` inputs, `w` `C` pair panels of `len * 16`, `out` (and the
+/// bias, if any) `R` rows of `C * 16` outputs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(crate) unsafe fn bf16_pair_tile<const R: usize, const C: usize>(t: PairTile) {
+    // SAFETY: the bias and `out` cover the tile (the caller's promise).
+    let mut acc = unsafe { start_acc::<R, C>(t.bias, t.out, t.out_stride) };
+    for k2 in 0..t.len / 2 {
+        let mut w = [_mm512_setzero_si512(); C];
+        for (c, wc) in w.iter_mut().enumerate() {
+            // SAFETY: 32 bf16 (16 pairs) of pair `k2 < len / 2` in panel `c < C`.
+            *wc =
+                unsafe { _mm512_loadu_si512(t.w.add(c * t.w_stride + k2 * 2 * LANES) as *const _) };
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: inputs `2 k2, 2 k2 + 1 < len` of row `r < R`.
+            let pair = unsafe { (t.x.add(r * t.x_stride + 2 * k2) as *const i32).read_unaligned() };
+            let xv = bf16_pairs(_mm512_set1_epi32(pair));
+            for (c, a) in row.iter_mut().enumerate() {
+                *a = _mm512_dpbf16_ps(*a, bf16_pairs(w[c]), xv);
+            }
+        }
+    }
+    // SAFETY: `out` covers the tile.
+    unsafe { store_acc(&acc, t.out, t.out_stride) };
+}
+
+/// The same 512 bits read as 32 bf16 values.
+#[inline(always)]
+fn bf16_pairs(v: __m512i) -> __m512bh {
+    // SAFETY: both are plain 512-bit vectors; every bit pattern is valid in each.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
 }
 
 /// GPT-J's `gelu_new`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, in place, as

@@ -30,7 +30,7 @@ use half::{bf16, f16};
 
 use super::activation::Activation;
 use super::avx512::{self, QBLOCK};
-use crate::cpu::{Avx512, Elem, SharedOut, LANES};
+use crate::cpu::{Avx512, Bf16Dot, Elem, SharedOut, LANES};
 use crate::error::Result;
 use crate::precision::Precision;
 /// Input positions handled per pass over a tile of outputs, so that the weight panel slice
@@ -45,6 +45,9 @@ enum Panels {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    /// bf16 in pair panels `[group][k / 2][16][2]` for `vdpbf16ps`, on CPUs with AVX-512
+    /// BF16 and an even `in_dim`: the token proves the instruction for every product.
+    Bf16Pairs(Vec<bf16>, Bf16Dot),
     /// Quants offset to `u8` and one scale per (column, block).
     Q8 {
         quants: Vec<u8>,
@@ -123,7 +126,12 @@ impl PackedLinear {
         let panels = match kind {
             PackedKind::F32 => Panels::F32(pack_float(&w, out_dim, in_dim, |v| v)),
             PackedKind::F16 => Panels::F16(pack_float(&w, out_dim, in_dim, f16::from_f32)),
-            PackedKind::Bf16 => Panels::Bf16(pack_float(&w, out_dim, in_dim, bf16::from_f32)),
+            PackedKind::Bf16 => match cpu.bf16_dot() {
+                Some(dot) if in_dim.is_multiple_of(2) => {
+                    Panels::Bf16Pairs(pack_pairs(&w, out_dim, in_dim), dot)
+                }
+                _ => Panels::Bf16(pack_float(&w, out_dim, in_dim, bf16::from_f32)),
+            },
             PackedKind::Q8_0 => {
                 if in_dim % QBLOCK != 0 {
                     return Err(crate::EngineError::InvalidInput(format!(
@@ -155,7 +163,7 @@ impl PackedLinear {
         match self.panels {
             Panels::F32(_) => "f32",
             Panels::F16(_) => "f16",
-            Panels::Bf16(_) => "bf16",
+            Panels::Bf16(_) | Panels::Bf16Pairs(..) => "bf16",
             Panels::Q8 { .. } => "q8_0",
         }
     }
@@ -165,7 +173,7 @@ impl PackedLinear {
         match &self.panels {
             Panels::F32(p) => p.len() * 4,
             Panels::F16(p) => p.len() * 2,
-            Panels::Bf16(p) => p.len() * 2,
+            Panels::Bf16(p) | Panels::Bf16Pairs(p, _) => p.len() * 2,
             Panels::Q8 { quants, scales } => quants.len() + scales.len() * 2,
         }
     }
@@ -179,17 +187,29 @@ impl PackedLinear {
     /// The product on f32 rows: `x` is `rows * in_dim`, the result `rows * out_dim`.
     fn run(&self, x: &[f32], rows: usize, act: Activation) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.in_dim, "packed linear: input size");
+        match &self.panels {
+            Panels::Q8 { .. } => self.run_input(
+                &Input::Q8(QuantizedRows::new(self.cpu, x, rows, self.in_dim)),
+                rows,
+                act,
+            ),
+            Panels::Bf16Pairs(..) => {
+                let narrow: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                self.run_input(&Input::Bf16(&narrow), rows, act)
+            }
+            _ => self.run_input(&Input::F32(x), rows, act),
+        }
+    }
+
+    /// The product on `input`, whose rows are `in_dim` long; the result `rows * out_dim`.
+    fn run_input(&self, input: &Input<'_>, rows: usize, act: Activation) -> Vec<f32> {
         let stride = self.groups * LANES;
         // Every element is written by the first pass over the inputs before anything reads it,
         // so the buffer is not zeroed first; its length is set once the kernels are done.
         let mut out: Vec<f32> = Vec::with_capacity(rows * stride);
-        let input = match &self.panels {
-            Panels::Q8 { .. } => Input::Q8(QuantizedRows::new(self.cpu, x, rows, self.in_dim)),
-            _ => Input::F32(x),
-        };
         let job = Job {
             lin: self,
-            input: &input,
+            input,
             rows,
             act,
             out: SharedOut::uninit(&mut out.spare_capacity_mut()[..rows * stride]),
@@ -233,6 +253,19 @@ impl PackedLinear {
 }
 
 impl PackedLinear {
+    /// `run` for bf16 activations: straight to the pair kernel where the panels are pairs,
+    /// else widened like f16.
+    fn run_bf16(&self, x: &[bf16], rows: usize, act: Activation) -> Vec<bf16> {
+        match self.panels {
+            Panels::Bf16Pairs(..) => {
+                assert_eq!(x.len(), rows * self.in_dim, "packed linear: input size");
+                let out = self.run_input(&Input::Bf16(x), rows, act);
+                out.into_iter().map(bf16::from_f32).collect()
+            }
+            _ => self.run_narrow(x, rows, act),
+        }
+    }
+
     /// `run` for f16/bf16 activations: widened to f32 on the way in, narrowed on the way out.
     fn run_narrow<T: Elem>(&self, x: &[T], rows: usize, act: Activation) -> Vec<T> {
         let mut xf = vec![0f32; x.len()];
@@ -254,6 +287,22 @@ fn pack_float<T: Copy + Default>(
         let (g, lane) = (n / LANES, n % LANES);
         for (k, &v) in w[n * in_dim..(n + 1) * in_dim].iter().enumerate() {
             p[(g * in_dim + k) * LANES + lane] = conv(v);
+        }
+    }
+    p
+}
+
+/// `[group][k / 2][lane][2]` in bf16, zero-padded past `out_dim`; `in_dim` is even. Pair
+/// `k / 2` of a group starts where input `k` does in `pack_float`'s layout, so the two share
+/// their tile slicing.
+fn pack_pairs(w: &[f32], out_dim: usize, in_dim: usize) -> Vec<bf16> {
+    debug_assert!(in_dim.is_multiple_of(2));
+    let groups = out_dim.div_ceil(LANES);
+    let mut p = crate::hugepages::filled_vec(bf16::ZERO, groups * in_dim * LANES);
+    for n in 0..out_dim {
+        let (g, lane) = (n / LANES, n % LANES);
+        for (k, &v) in w[n * in_dim..(n + 1) * in_dim].iter().enumerate() {
+            p[((g * in_dim + k - k % 2) * LANES) + lane * 2 + k % 2] = bf16::from_f32(v);
         }
     }
     p
@@ -315,6 +364,7 @@ impl QuantizedRows {
 
 enum Input<'a> {
     F32(&'a [f32]),
+    Bf16(&'a [bf16]),
     Q8(QuantizedRows),
 }
 
@@ -423,6 +473,19 @@ impl Job<'_> {
                 by_shape!(call; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
             }};
         }
+        macro_rules! pairs {
+            ($p:expr) => {{
+                let view = self.pair_view($p, r, nr, g, nc, k0, k1);
+                macro_rules! call {
+                    ($rr:literal, $cc:literal) => {
+                        // SAFETY: as for `float_tile`; the panels being pairs proves BF16
+                        // (their `Bf16Dot` token).
+                        unsafe { avx512::bf16_pair_tile::<$rr, $cc>(view) }
+                    };
+                }
+                by_shape!(call; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
+            }};
+        }
         macro_rules! q8 {
             ($rr:literal, $cc:literal) => {
                 // SAFETY: as for `float_tile` above.
@@ -433,6 +496,7 @@ impl Job<'_> {
             Panels::F32(p) => float!(p.as_slice()),
             Panels::F16(p) => float!(p.as_slice()),
             Panels::Bf16(p) => float!(p.as_slice()),
+            Panels::Bf16Pairs(p, _) => pairs!(p.as_slice()),
             Panels::Q8 { .. } => by_shape!(q8; [1, 2, 3, 4]; [1, 2, 3]),
         }
     }
@@ -462,6 +526,39 @@ impl Job<'_> {
         };
         let k = self.lin.in_dim;
         avx512::FloatTile {
+            x: x[r * k + k0..(r + nr - 1) * k + k1].as_ptr(),
+            x_stride: k,
+            w: panels[(g * k + k0) * LANES..((g + nc - 1) * k + k1) * LANES].as_ptr(),
+            w_stride: k * LANES,
+            len: k1 - k0,
+            out: self.out_ptr(r, nr, g, nc),
+            out_stride: self.stride,
+            bias: self.start(g, nc, k0),
+        }
+    }
+
+    /// Pointers for a bf16 pair tile, each taken from a slice that covers the whole tile
+    /// (`k0` and `k1` are even: `KC` is, and so is `in_dim` for pair panels).
+    #[allow(clippy::too_many_arguments)]
+    fn pair_view(
+        &self,
+        panels: &[bf16],
+        r: usize,
+        nr: usize,
+        g: usize,
+        nc: usize,
+        k0: usize,
+        k1: usize,
+    ) -> avx512::PairTile {
+        let Input::Bf16(x) = self.input else {
+            unreachable!("pair panels take bf16 input")
+        };
+        let k = self.lin.in_dim;
+        assert!(
+            k0.is_multiple_of(2) && k1.is_multiple_of(2),
+            "pair tile on odd inputs"
+        );
+        avx512::PairTile {
             x: x[r * k + k0..(r + nr - 1) * k + k1].as_ptr(),
             x_stride: k,
             w: panels[(g * k + k0) * LANES..((g + nc - 1) * k + k1) * LANES].as_ptr(),
@@ -549,7 +646,7 @@ impl CustomOp1 for PackedProduct<'_> {
                 shape,
             ),
             CpuStorage::BF16(x) => (
-                CpuStorage::BF16(lin.run_narrow(&x[start..end], rows, act)),
+                CpuStorage::BF16(lin.run_bf16(&x[start..end], rows, act)),
                 shape,
             ),
             other => {
@@ -610,6 +707,59 @@ mod tests {
                     assert!((q as f32 * d - want).abs() <= d / 2.0 + 1e-6, "n {n} {i}");
                 }
             }
+        }
+    }
+
+    /// Pair panels put weight `(n, k)` at group `n / 16`, pair `k / 2`, lane `n % 16`, slot
+    /// `k % 2`; padding columns are zero. Plain Rust (Miri).
+    #[test]
+    fn pair_panels_hold_each_weight_beside_its_partner() {
+        let (out_dim, in_dim) = (20, 6);
+        let w: Vec<f32> = (0..out_dim * in_dim).map(|i| i as f32 + 1.0).collect();
+        let p = pack_pairs(&w, out_dim, in_dim);
+        assert_eq!(p.len(), 2 * in_dim * LANES);
+        for n in 0..2 * LANES {
+            let (g, lane) = (n / LANES, n % LANES);
+            for k in 0..in_dim {
+                let want = if n < out_dim { w[n * in_dim + k] } else { 0.0 };
+                let at = (g * in_dim + 2 * (k / 2)) * LANES + 2 * lane + k % 2;
+                assert_eq!(p[at].to_f32(), want, "n {n} k {k}");
+            }
+        }
+    }
+
+    /// The `vdpbf16ps` pair kernel and the widening f32 kernel compute the same products of
+    /// the same bf16 values; they differ only in how each pair's two products are added.
+    #[test]
+    fn bf16_pairs_agree_with_the_widening_kernel() {
+        let Some(cpu) = Avx512::detect() else {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        };
+        if cpu.bf16_dot().is_none() {
+            eprintln!("skipped: no AVX-512 BF16 on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (m, k, n) = (9, 1024 + 96, 70);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+        let pairs = PackedLinear::new(cpu, &w, Some(&b), PackedKind::Bf16).unwrap();
+        assert!(matches!(pairs.panels, Panels::Bf16Pairs(..)));
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let widening = PackedLinear {
+            panels: Panels::Bf16(pack_float(&wv, n, k, bf16::from_f32)),
+            ..PackedLinear::new(cpu, &w, Some(&b), PackedKind::Bf16).unwrap()
+        };
+        let x = x.to_dtype(DType::BF16).unwrap();
+        let xs: Vec<bf16> = x.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+        let got = pairs.run_input(&Input::Bf16(&xs), m, Activation::Identity);
+        let xf: Vec<f32> = xs.iter().map(|v| v.to_f32()).collect();
+        let want = widening.run_input(&Input::F32(&xf), m, Activation::Identity);
+        let scale = max_abs(&want);
+        for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+            assert!((g - r).abs() <= 1e-5 * scale, "output {i}: {g} vs {r}");
         }
     }
 
