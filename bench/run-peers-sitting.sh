@@ -5,8 +5,8 @@
 #      peak each precision reaches (benches/decode.rs), and bf16 with and without vdpbf16ps;
 #   2. the peers' table (bench_all.sh: 128 + 128 tokens, 1 and 64 concurrent clients over HTTP
 #      with vLLM's own client; CTranslate2 and OpenVINO in-process at batch 1 and 64);
-#   3. with LONG=1, the seed's long lengths for gptj and vLLM: 64 clients with 1,024-token
-#      prompts, and 8 clients at 2,048 tokens (1,920 + 128).
+#   3. step `long`: the seed's long lengths for gptj and vLLM: 64 clients with 1,024-token
+#      prompts, and 8 clients at 2,048 tokens (1,920 + 128); LONG_ENGINES="gptj vllm" by default.
 # usage: bench/run-peers-sitting.sh OUT_DIR [steps...]   steps: decode peers long (default: decode peers)
 # Needs target/release/gptj and the decode bench (cargo build --release --benches --bins), and
 # .peers/ set up (PEERS_DIR). Run on a quiet machine: the load average is logged before each step.
@@ -56,7 +56,9 @@ peers)
     | tee "$OUT/peers.log"
   ;;
 long)
+  engines="${LONG_ENGINES:-gptj vllm}"
   for prec in q8_0 bf16; do
+    [[ " $engines " == *" gptj "* ]] || continue
     log "long lengths: gptj $prec"
     "$GPTJ" serve --model "$CKPT" --precision "$prec" --port 18721 --host 127.0.0.1 \
       --max-num-seqs 64 --kv-cache-memory 6GiB > "$OUT/long-gptj-$prec.log" 2>&1 &
@@ -67,6 +69,7 @@ long)
     fi
     kill $pid; wait $pid 2>/dev/null || true
   done
+  [[ " $engines " == *" vllm "* ]] || continue
   log "long lengths: vLLM bf16"
   VLLM_CPU_KVCACHE_SPACE=6 MODEL="$CKPT" PEERS_DIR="$P" "$PEERS/vllm_serve.sh" 18722 bfloat16 \
     > "$OUT/long-vllm.log" 2>&1 &

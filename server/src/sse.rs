@@ -120,9 +120,23 @@ pub fn response(streams: Vec<JobStream>, shaper: Box<dyn Shaper>, ctx: StreamCon
         let ev = st.next_event().await?;
         Some((Ok::<_, Infallible>(ev), st))
     });
-    Sse::new(body)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response()
+    Sse::new(body).keep_alive(keep_alive()).into_response()
+}
+
+/// How often an idle stream sends something, so that proxies and load balancers with idle
+/// timeouts (often 60 s) do not cut a request waiting in the queue or in a long prefill.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The idle stream's keep-alive: a bare newline, not the usual `:` comment. To an SSE parser
+/// an extra blank line between events is nothing (no event is dispatched), and it keeps the
+/// connection's bytes flowing just the same. A comment broke `vllm bench serve`: its client
+/// strips every network read before parsing, so a comment read alone loses its terminating
+/// blank line and glues itself to the front of every later event, and all the stream's
+/// tokens were lost ("Never received a valid chunk").
+fn keep_alive() -> KeepAlive {
+    KeepAlive::new()
+        .interval(KEEP_ALIVE_INTERVAL)
+        .event(Event::default())
 }
 
 impl State {
@@ -187,5 +201,74 @@ impl State {
         let evs = self.shaper.end();
         self.pending.extend(evs);
         self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Bytes;
+    use http_body_util::BodyExt;
+
+    /// The messages `vllm bench serve`'s streaming client (vLLM 0.32,
+    /// `benchmarks/lib/endpoint_request_func.py`) gets out of these network reads: it strips
+    /// each read, splits the buffer on blank lines, takes a buffer that is a whole `data:`
+    /// JSON object as a message, and skips messages starting with `:`.
+    fn vllm_bench_messages(reads: &[Bytes]) -> Vec<String> {
+        let mut buffer = String::new();
+        let mut messages = Vec::new();
+        for read in reads {
+            let read = String::from_utf8_lossy(read).trim().to_string();
+            if read.is_empty() {
+                continue;
+            }
+            buffer.push_str(&read);
+            while let Some(i) = buffer.find("\n\n") {
+                let message = buffer[..i].trim().to_string();
+                buffer.drain(..i + 2);
+                if !message.is_empty() {
+                    messages.push(message);
+                }
+            }
+            if let Some(rest) = buffer.strip_prefix("data: ") {
+                if serde_json::from_str::<serde_json::Value>(rest.trim()).is_ok() {
+                    messages.push(std::mem::take(&mut buffer).trim().to_string());
+                }
+            }
+        }
+        messages.retain(|m| !m.starts_with(':'));
+        messages
+    }
+
+    /// The network reads of a stream that is idle for 20 s and then sends one event.
+    async fn reads_of_a_late_event(keep_alive: KeepAlive) -> Vec<Bytes> {
+        let body = stream::once(async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            Ok::<_, Infallible>(Event::default().data(r#"{"choices":[{"text":"hi"}]}"#))
+        });
+        let mut body = Sse::new(body)
+            .keep_alive(keep_alive)
+            .into_response()
+            .into_body();
+        let mut reads = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("a body frame").into_data() {
+                reads.push(data);
+            }
+        }
+        reads
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_keeps_alive_with_a_bare_newline_that_clients_skip() {
+        let reads = reads_of_a_late_event(keep_alive()).await;
+        assert_eq!(reads[0], "\n", "the keep-alive: {reads:?}");
+        assert_eq!(
+            vllm_bench_messages(&reads),
+            [r#"data: {"choices":[{"text":"hi"}]}"#]
+        );
+        // The usual comment keep-alive loses the event in that client (what happened).
+        let with_comment = reads_of_a_late_event(KeepAlive::new().interval(KEEP_ALIVE_INTERVAL));
+        assert!(vllm_bench_messages(&with_comment.await).is_empty());
     }
 }
