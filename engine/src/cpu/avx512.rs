@@ -60,3 +60,10 @@ pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         _mm512_scalef_ps(p, n)
     }
 }
+
+/// The same 512 bits read as 32 bf16 values, for the `vdpbf16ps` operands.
+#[inline(always)]
+pub(crate) fn as_bf16x32(v: __m512i) -> __m512bh {
+    // SAFETY: both are plain 512-bit vectors; every bit pattern is valid in each.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+}

@@ -15,6 +15,8 @@
 use std::arch::x86_64::*;
 use std::time::Instant;
 
+use super::avx512::as_bf16x32;
+
 /// One of the instructions measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DotKind {
@@ -104,60 +106,59 @@ fn operand(seed: i32) -> i32 {
     std::hint::black_box(seed)
 }
 
+/// `CHAINS` accumulators starting at `$zero`, each stepped `iters` times by `$step` (with
+/// the accumulator as `$acc`), then added together with `$add` and reduced with `$reduce`.
+macro_rules! chains {
+    ($iters:expr, $zero:expr, |$acc:ident| $step:expr, $add:path, $reduce:expr) => {{
+        let mut acc = [$zero; CHAINS];
+        for _ in 0..$iters {
+            for a in acc.iter_mut() {
+                let $acc = *a;
+                *a = $step;
+            }
+        }
+        $reduce(acc.iter().fold($zero, |s, c| $add(s, *c)))
+    }};
+}
+
 #[target_feature(enable = "avx512f,avx512vnni")]
 fn int8_chains(iters: u64) -> f32 {
     let a = _mm512_set1_epi32(operand(0x0101_0101));
     let b = _mm512_set1_epi32(operand(0x0102_0304));
-    let mut acc = [_mm512_setzero_si512(); CHAINS];
-    for _ in 0..iters {
-        for c in acc.iter_mut() {
-            *c = _mm512_dpbusd_epi32(*c, a, b);
-        }
-    }
-    let sum = acc
-        .iter()
-        .fold(_mm512_setzero_si512(), |s, c| _mm512_add_epi32(s, *c));
-    _mm512_reduce_add_epi32(sum) as f32
+    chains!(
+        iters,
+        _mm512_setzero_si512(),
+        |c| _mm512_dpbusd_epi32(c, a, b),
+        _mm512_add_epi32,
+        |s| _mm512_reduce_add_epi32(s) as f32
+    )
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
 fn bf16_chains(iters: u64) -> f32 {
     // 1.0 and 2^-20 in bf16 pairs: the sums stay finite over any number of iterations.
-    let a: __m512bh = as_bf16_pairs(_mm512_set1_epi32(operand(0x3F80_3F80)));
-    let b: __m512bh = as_bf16_pairs(_mm512_set1_epi32(operand(0x3580_3580)));
-    let mut acc = [_mm512_setzero_ps(); CHAINS];
-    for _ in 0..iters {
-        for c in acc.iter_mut() {
-            *c = _mm512_dpbf16_ps(*c, a, b);
-        }
-    }
-    let sum = acc
-        .iter()
-        .fold(_mm512_setzero_ps(), |s, c| _mm512_add_ps(s, *c));
-    _mm512_reduce_add_ps(sum)
+    let a = as_bf16x32(_mm512_set1_epi32(operand(0x3F80_3F80)));
+    let b = as_bf16x32(_mm512_set1_epi32(operand(0x3580_3580)));
+    chains!(
+        iters,
+        _mm512_setzero_ps(),
+        |c| _mm512_dpbf16_ps(c, a, b),
+        _mm512_add_ps,
+        |s| _mm512_reduce_add_ps(s)
+    )
 }
 
 #[target_feature(enable = "avx512f,fma")]
 fn f32_chains(iters: u64) -> f32 {
     let a = _mm512_set1_ps(f32::from_bits(operand(0x3F80_0000) as u32));
     let b = _mm512_set1_ps(f32::from_bits(operand(0x3580_0000) as u32));
-    let mut acc = [_mm512_setzero_ps(); CHAINS];
-    for _ in 0..iters {
-        for c in acc.iter_mut() {
-            *c = _mm512_fmadd_ps(a, b, *c);
-        }
-    }
-    let sum = acc
-        .iter()
-        .fold(_mm512_setzero_ps(), |s, c| _mm512_add_ps(s, *c));
-    _mm512_reduce_add_ps(sum)
-}
-
-/// A 512-bit integer vector reinterpreted as 32 bf16 values (same bits).
-#[inline(always)]
-fn as_bf16_pairs(v: __m512i) -> __m512bh {
-    // SAFETY: both are plain 512-bit vectors with no invalid bit patterns.
-    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    chains!(
+        iters,
+        _mm512_setzero_ps(),
+        |c| _mm512_fmadd_ps(a, b, c),
+        _mm512_add_ps,
+        |s| _mm512_reduce_add_ps(s)
+    )
 }
 
 #[cfg(test)]

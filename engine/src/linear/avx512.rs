@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use crate::cpu::avx512::exp16;
+use crate::cpu::avx512::{as_bf16x32, exp16};
 use crate::cpu::{Avx512, Elem, LANES};
 
 /// q8_0 block length (ggml's): the unit of quantization of weights and inputs.
@@ -29,11 +29,12 @@ pub(crate) enum Start {
     Out,
 }
 
-/// Pointers for one float tile (see `float_tile`).
-pub(crate) struct FloatTile<T> {
-    pub x: *const f32,
+/// Pointers for one tile of a float product: `X` inputs (f32 for `float_tile`, bf16 for
+/// `bf16_pair_tile`) against `W` weight panels.
+pub(crate) struct FloatTile<X, W> {
+    pub x: *const X,
     pub x_stride: usize,
-    pub w: *const T,
+    pub w: *const W,
     /// Elements between the panels of consecutive column groups.
     pub w_stride: usize,
     pub len: usize,
@@ -90,7 +91,7 @@ unsafe fn store_acc<const R: usize, const C: usize>(
 /// rows of `len` inputs, `w` `C` panels of `len * 16`, `out` (and the bias, if any) `R` rows of
 /// `C * 16` outputs.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub(crate) unsafe fn float_tile<const R: usize, const C: usize, T: Elem>(t: FloatTile<T>) {
+pub(crate) unsafe fn float_tile<const R: usize, const C: usize, T: Elem>(t: FloatTile<f32, T>) {
     // SAFETY: the bias and `out` cover the tile (the caller's promise).
     let mut acc = unsafe { start_acc::<R, C>(t.bias, t.out, t.out_stride) };
     for k in 0..t.len {
@@ -111,21 +112,6 @@ pub(crate) unsafe fn float_tile<const R: usize, const C: usize, T: Elem>(t: Floa
     unsafe { store_acc(&acc, t.out, t.out_stride) };
 }
 
-/// Pointers for one bf16 pair tile (see `bf16_pair_tile`): weights in pair panels
-/// `[k / 2][16 columns][2]`, bf16 input rows.
-pub(crate) struct PairTile {
-    pub x: *const bf16,
-    pub x_stride: usize,
-    pub w: *const bf16,
-    /// Elements between the panels of consecutive column groups.
-    pub w_stride: usize,
-    /// Inputs, even.
-    pub len: usize,
-    pub out: *mut f32,
-    pub out_stride: usize,
-    pub bias: Start,
-}
-
 /// `R` rows times `C * 16` columns of bf16 over `len` inputs (even), two at a time: per pair,
 /// `C` weight loads, `R` broadcasts of an input pair and `R * C` `vdpbf16ps`, each adding
 /// both products of a pair into the output's f32 accumulator. No widening: the weights and
@@ -133,10 +119,11 @@ pub(crate) struct PairTile {
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL and BF16 (an [`Avx512`] and a `Bf16Dot` token are in hand);
-/// `x` covers `R` rows of `len` inputs, `w` `C` pair panels of `len * 16`, `out` (and the
-/// bias, if any) `R` rows of `C * 16` outputs.
+/// `x` covers `R` rows of `len` inputs, `w` `C` pair panels (`[k / 2][16 columns][2]`) of
+/// `len * 16`, `out` (and the bias, if any) `R` rows of `C * 16` outputs. An odd `len` would
+/// leave its last input out (wrong, not unsound); the callers' are even.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) unsafe fn bf16_pair_tile<const R: usize, const C: usize>(t: PairTile) {
+pub(crate) unsafe fn bf16_pair_tile<const R: usize, const C: usize>(t: FloatTile<bf16, bf16>) {
     // SAFETY: the bias and `out` cover the tile (the caller's promise).
     let mut acc = unsafe { start_acc::<R, C>(t.bias, t.out, t.out_stride) };
     for k2 in 0..t.len / 2 {
@@ -149,21 +136,14 @@ pub(crate) unsafe fn bf16_pair_tile<const R: usize, const C: usize>(t: PairTile)
         for (r, row) in acc.iter_mut().enumerate() {
             // SAFETY: inputs `2 k2, 2 k2 + 1 < len` of row `r < R`.
             let pair = unsafe { (t.x.add(r * t.x_stride + 2 * k2) as *const i32).read_unaligned() };
-            let xv = bf16_pairs(_mm512_set1_epi32(pair));
+            let xv = as_bf16x32(_mm512_set1_epi32(pair));
             for (c, a) in row.iter_mut().enumerate() {
-                *a = _mm512_dpbf16_ps(*a, bf16_pairs(w[c]), xv);
+                *a = _mm512_dpbf16_ps(*a, as_bf16x32(w[c]), xv);
             }
         }
     }
     // SAFETY: `out` covers the tile.
     unsafe { store_acc(&acc, t.out, t.out_stride) };
-}
-
-/// The same 512 bits read as 32 bf16 values.
-#[inline(always)]
-fn bf16_pairs(v: __m512i) -> __m512bh {
-    // SAFETY: both are plain 512-bit vectors; every bit pattern is valid in each.
-    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
 }
 
 /// GPT-J's `gelu_new`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, in place, as

@@ -10,6 +10,9 @@
 //! - float weights (f32, f16 or bf16) as `[column group][k][16]`: the kernel broadcasts one
 //!   input value and does one fused multiply-add into 16 outputs, the classic register-tiled
 //!   gemm, with no horizontal sums;
+//! - bf16 weights, where the CPU has AVX-512 BF16 and `in` is even, as pairs
+//!   `[column group][k / 2][16][2]`: the kernel broadcasts a pair of bf16 inputs and one
+//!   `vdpbf16ps` adds both products into 16 outputs (the same tile, the inputs not widened);
 //! - q8_0 weights as `[column group][block of 32][8 quads][16 columns][4 bytes]`, offset by
 //!   128 to unsigned bytes, with one f16 scale per block and column: the kernel quantizes the
 //!   input rows to q8_0, and one `vpdpbusd` multiplies 4 input bytes into 16 outputs' exact
@@ -37,6 +40,8 @@ use crate::precision::Precision;
 /// and the input rows it meets stay in L2 for large inputs. A multiple of `QBLOCK`. (64 to
 /// 1024 measured within noise of each other on `examples/packed_ab.rs`.)
 const KC: usize = 1024;
+// q8_0 passes start on block boundaries, and bf16 pair passes on even inputs.
+const _: () = assert!(KC.is_multiple_of(QBLOCK) && QBLOCK.is_multiple_of(2));
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
@@ -459,28 +464,18 @@ impl Job<'_> {
                 }
             };
         }
+        /// A float tile of `$x` against panels `$p` on `$kernel` (generics after the shape:
+        /// `$t`).
         macro_rules! float {
-            ($p:expr) => {{
-                let view = self.view($p, r, nr, g, nc, k0, k1);
+            ($kernel:ident, $x:expr, $p:expr $(, $t:ty)?) => {{
+                let view = self.view($x, $p, r, nr, g, nc, k0, k1);
                 macro_rules! call {
                     ($rr:literal, $cc:literal) => {
                         // SAFETY: the view covers an `nr` x `nc` tile (checked where it is
-                        // made), `self.lin.cpu` proves the features, and the output part is
-                        // this thread's alone (the caller's promise).
-                        unsafe { avx512::float_tile::<$rr, $cc, _>(view) }
-                    };
-                }
-                by_shape!(call; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
-            }};
-        }
-        macro_rules! pairs {
-            ($p:expr) => {{
-                let view = self.pair_view($p, r, nr, g, nc, k0, k1);
-                macro_rules! call {
-                    ($rr:literal, $cc:literal) => {
-                        // SAFETY: as for `float_tile`; the panels being pairs proves BF16
-                        // (their `Bf16Dot` token).
-                        unsafe { avx512::bf16_pair_tile::<$rr, $cc>(view) }
+                        // made), `self.lin.cpu` proves the features (and for pair panels
+                        // their `Bf16Dot` token proves BF16), and the output part is this
+                        // thread's alone (the caller's promise).
+                        unsafe { avx512::$kernel::<$rr, $cc $(, $t)?>(view) }
                     };
                 }
                 by_shape!(call; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
@@ -492,12 +487,13 @@ impl Job<'_> {
                 unsafe { avx512::q8_tile::<$rr, $cc>(self.q8_view(r, nr, g, nc, k0, k1)) }
             };
         }
-        match &self.lin.panels {
-            Panels::F32(p) => float!(p.as_slice()),
-            Panels::F16(p) => float!(p.as_slice()),
-            Panels::Bf16(p) => float!(p.as_slice()),
-            Panels::Bf16Pairs(p, _) => pairs!(p.as_slice()),
-            Panels::Q8 { .. } => by_shape!(q8; [1, 2, 3, 4]; [1, 2, 3]),
+        match (&self.lin.panels, self.input) {
+            (Panels::F32(p), Input::F32(x)) => float!(float_tile, x, p, _),
+            (Panels::F16(p), Input::F32(x)) => float!(float_tile, x, p, _),
+            (Panels::Bf16(p), Input::F32(x)) => float!(float_tile, x, p, _),
+            (Panels::Bf16Pairs(p, _), Input::Bf16(x)) => float!(bf16_pair_tile, x, p),
+            (Panels::Q8 { .. }, Input::Q8(_)) => by_shape!(q8; [1, 2, 3, 4]; [1, 2, 3]),
+            _ => unreachable!("`run` builds the input its panels take"),
         }
     }
 
@@ -509,56 +505,24 @@ impl Job<'_> {
         self.out.ptr(start..end)
     }
 
-    /// Pointers for a float tile, each taken from a slice that covers the whole tile.
+    /// Pointers for a float tile of inputs `x` against `panels`, each taken from a slice that
+    /// covers the whole tile. Pair panels share the float layout's offsets (pair `k / 2`
+    /// starts where input `k` would), and their `k0`, `k1` are even (`KC` is, and so is their
+    /// `in_dim`).
     #[allow(clippy::too_many_arguments)]
-    fn view<T>(
+    fn view<X, W>(
         &self,
-        panels: &[T],
+        x: &[X],
+        panels: &[W],
         r: usize,
         nr: usize,
         g: usize,
         nc: usize,
         k0: usize,
         k1: usize,
-    ) -> avx512::FloatTile<T> {
-        let Input::F32(x) = self.input else {
-            unreachable!("float panels take f32 input")
-        };
+    ) -> avx512::FloatTile<X, W> {
         let k = self.lin.in_dim;
         avx512::FloatTile {
-            x: x[r * k + k0..(r + nr - 1) * k + k1].as_ptr(),
-            x_stride: k,
-            w: panels[(g * k + k0) * LANES..((g + nc - 1) * k + k1) * LANES].as_ptr(),
-            w_stride: k * LANES,
-            len: k1 - k0,
-            out: self.out_ptr(r, nr, g, nc),
-            out_stride: self.stride,
-            bias: self.start(g, nc, k0),
-        }
-    }
-
-    /// Pointers for a bf16 pair tile, each taken from a slice that covers the whole tile
-    /// (`k0` and `k1` are even: `KC` is, and so is `in_dim` for pair panels).
-    #[allow(clippy::too_many_arguments)]
-    fn pair_view(
-        &self,
-        panels: &[bf16],
-        r: usize,
-        nr: usize,
-        g: usize,
-        nc: usize,
-        k0: usize,
-        k1: usize,
-    ) -> avx512::PairTile {
-        let Input::Bf16(x) = self.input else {
-            unreachable!("pair panels take bf16 input")
-        };
-        let k = self.lin.in_dim;
-        assert!(
-            k0.is_multiple_of(2) && k1.is_multiple_of(2),
-            "pair tile on odd inputs"
-        );
-        avx512::PairTile {
             x: x[r * k + k0..(r + nr - 1) * k + k1].as_ptr(),
             x_stride: k,
             w: panels[(g * k + k0) * LANES..((g + nc - 1) * k + k1) * LANES].as_ptr(),
