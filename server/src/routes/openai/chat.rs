@@ -15,10 +15,9 @@ the usage chunk when asked, then `[DONE]`. With `logprobs: true` (and `top_logpr
 
 use axum::response::sse::Event;
 use gptj_scheduler::{FinishReason, LogprobsRequest, TokenLogprob, Usage};
-
-use super::logprobs::chat_entry;
 use serde_json::{json, Map, Value};
 
+use super::logprobs::chat_entry;
 use super::{answer, finish_reason, head, parse_stream_options, Completions, StreamTail};
 use crate::chat_template::{ChatTemplate, Message};
 use crate::config::ServerConfig;
@@ -134,10 +133,10 @@ impl Protocol for ChatCompletions {
                 "needs `logprobs: true` (OpenAI's rule)",
             ));
         }
-        if logprobs {
-            reader.params_mut().logprobs = Some(top_logprobs.unwrap_or(0) as usize);
-        }
         let p = reader.params_mut();
+        if logprobs {
+            p.logprobs = Some(top_logprobs.unwrap_or(0) as usize);
+        }
         p.do_sample = Some(p.temperature != Some(0.0));
         p.return_full_text = Some(false);
         let params = reader.finish()?;
