@@ -96,7 +96,7 @@ fn main() {
                 serde_json::json!({
                     "shape": format!("{:?}", bench.shape), "precision": r.precision.to_string(), "batch": r.batch,
                     "ms_per_step": r.step_ms(), "tokens_per_s": r.tokens_per_s(),
-                    "weight_bytes": r.weight_bytes, "linear_macs": r.linear_macs, "floor_ms": r.floor_ms(gbps), "memory_gbps": gbps,
+                    "prefill_tokens_per_s": r.prefill_tokens_per_s(), "weight_bytes": r.weight_bytes, "linear_macs": r.linear_macs, "floor_ms": r.floor_ms(gbps), "memory_gbps": gbps,
                 })
             })
             .collect();

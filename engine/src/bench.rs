@@ -45,6 +45,11 @@ pub struct DecodeRow {
     /// Multiply-accumulates of the step's linear layers (`batch` x the weights' elements;
     /// attention's, which grow with the context, are not counted).
     pub linear_macs: u64,
+    /// Median time to prefill one prompt of `context` tokens (one sequence a step, as the
+    /// prompts are written into the cache before decoding).
+    pub prefill: Duration,
+    /// Tokens in each prompt.
+    pub context: usize,
 }
 
 impl DecodeRow {
@@ -56,6 +61,11 @@ impl DecodeRow {
     /// Output tokens per second across the batch.
     pub fn tokens_per_s(&self) -> f64 {
         self.batch as f64 / self.step.as_secs_f64()
+    }
+
+    /// Prompt tokens per second while prefilling.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.context as f64 / self.prefill.as_secs_f64()
     }
 
     /// The linear layers' multiply-accumulates per second.
@@ -154,14 +164,18 @@ impl DecodeBench {
                         .collect()
                 })
                 .collect();
+            let mut prefills = Vec::with_capacity(batch);
             for (p, t) in prompts.iter().zip(&tables) {
+                let start = Instant::now();
                 engine.forward(&[SeqChunk {
                     tokens: p,
                     start_pos: 0,
                     block_table: t,
-                    logits: LogitRows::None,
+                    logits: LogitRows::Last,
                 }])?;
+                prefills.push(start.elapsed());
             }
+            prefills.sort();
             let mut times = Vec::with_capacity(self.steps);
             for step in 0..self.steps {
                 let tokens: Vec<[u32; 1]> = (0..batch)
@@ -192,6 +206,8 @@ impl DecodeBench {
                 step,
                 weight_bytes: engine.streamed_weight_bytes(),
                 linear_macs: (batch * linear_params(&config)) as u64,
+                prefill: prefills[prefills.len() / 2],
+                context: self.context,
             });
         }
         Ok(rows)
@@ -208,19 +224,20 @@ fn linear_params(c: &crate::GptjConfig) -> usize {
 /// A markdown table of `rows`, with the floor at `gbps` GB/s.
 pub fn markdown_table(rows: &[DecodeRow], gbps: f64) -> String {
     let mut out = String::from(
-        "| precision | batch | ms/step | ms/token | tokens/s | weights read/step | floor ms/step | step / floor |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| precision | batch | ms/step | ms/token | tokens/s | weights read/step | floor ms/step | step / floor | prefill tokens/s |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in rows {
         let (ms, floor) = (r.step_ms(), r.floor_ms(gbps));
         out.push_str(&format!(
-            "| {} | {} | {ms:.2} | {:.2} | {:.1} | {:.0} MB | {floor:.2} | {:.2}x |\n",
+            "| {} | {} | {ms:.2} | {:.2} | {:.1} | {:.0} MB | {floor:.2} | {:.2}x | {:.0} |\n",
             r.precision,
             r.batch,
             ms / r.batch as f64,
             r.tokens_per_s(),
             r.weight_bytes as f64 / 1e6,
-            ms / floor
+            ms / floor,
+            r.prefill_tokens_per_s()
         ));
     }
     out

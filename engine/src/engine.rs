@@ -287,6 +287,8 @@ impl Engine {
             dtype,
             &device,
         )?;
+        // Loading's buffers are gone; from here on the heap serves the steps'.
+        crate::heap::keep_step_buffers();
         tracing::info!(
             model = %description,
             precision = %opts.precision,

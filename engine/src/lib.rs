@@ -18,6 +18,7 @@ pub mod config;
 mod cpu;
 mod engine;
 pub mod error;
+mod heap;
 pub mod hub;
 mod hugepages;
 mod linear;

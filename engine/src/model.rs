@@ -167,14 +167,11 @@ struct Attention {
     out_proj: Linear,
     n_head: usize,
     head_dim: usize,
-    /// The KV cache's dtype: keys and values are converted on the way in, queries and the
-    /// output on the way through, when it differs from the activations'.
-    kv_dtype: DType,
     span: tracing::Span,
 }
 
 impl Attention {
-    fn new(cfg: &GptjConfig, vb: &Loader<'_>, prefix: &str, kv_dtype: DType) -> Result<Self> {
+    fn new(cfg: &GptjConfig, vb: &Loader<'_>, prefix: &str) -> Result<Self> {
         let e = cfg.n_embd;
         let qkv = ["q_proj", "k_proj", "v_proj"]
             .iter()
@@ -188,7 +185,6 @@ impl Attention {
             out_proj: vb.linear(&format!("{prefix}.out_proj"), e, e, false)?,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
-            kv_dtype,
             span: tracing::trace_span!("attn"),
         })
     }
@@ -207,16 +203,9 @@ impl Attention {
         let q = rotary.apply(&heads(qkv.narrow(1, 0, e)?)?)?;
         let k = rotary.apply(&heads(qkv.narrow(1, e, e)?)?)?;
         let v = heads(qkv.narrow(1, 2 * e, e)?)?;
-        write_kv(
-            cache,
-            &k.to_dtype(self.kv_dtype)?,
-            &v.to_dtype(self.kv_dtype)?,
-            step,
-        )?;
+        write_kv(cache, &k, &v, step)?;
         let scale = (self.head_dim as f32).powf(-0.5);
-        let attn = paged_attention(&q.to_dtype(self.kv_dtype)?, cache, step, scale)?
-            .to_dtype(h.dtype())?
-            .reshape((n, e))?;
+        let attn = paged_attention(&q, cache, step, scale)?.reshape((n, e))?;
         self.out_proj.forward(&attn, Activation::Identity)
     }
 }
@@ -256,11 +245,11 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &GptjConfig, vb: &Loader<'_>, layer: usize, kv_dtype: DType) -> Result<Self> {
+    fn new(cfg: &GptjConfig, vb: &Loader<'_>, layer: usize) -> Result<Self> {
         let p = format!("transformer.h.{layer}");
         Ok(Self {
             ln_1: LayerNorm::new(cfg, vb, &format!("{p}.ln_1"))?,
-            attn: Attention::new(cfg, vb, &format!("{p}.attn"), kv_dtype)?,
+            attn: Attention::new(cfg, vb, &format!("{p}.attn"))?,
             mlp: Mlp::new(cfg, vb, &format!("{p}.mlp"))?,
             span: tracing::trace_span!("block", layer),
         })
@@ -314,7 +303,7 @@ impl GptjModel {
             device,
         };
         let blocks = (0..config.n_layer)
-            .map(|l| Block::new(config, &vb, l, kv_dtype))
+            .map(|l| Block::new(config, &vb, l))
             .collect::<Result<Vec<_>>>()?;
         // The embedding is a lookup, not a matmul: in q8_0 keep it in f16 to halve its memory.
         let wte_dtype = if precision == Precision::Q8_0 {

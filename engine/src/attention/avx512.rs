@@ -16,17 +16,18 @@ use crate::paged::{CacheShape, StepLayout};
 /// Attention of every new token of `step` over its own sequence, `None` for head sizes the
 /// kernel has no instance for (the caller then takes the portable path).
 ///
-/// `q` is `(tokens, heads, head_dim)`; `k` and `v` are the two halves of a cache whose geometry
-/// is `shape`, as returned by `step.check_cache` (panics if their lengths disagree with it).
-pub(crate) fn attend<T: Elem>(
+/// `q` is `(tokens, heads, head_dim)` in the activations' type `Q` (the output's too); `k`
+/// and `v` are the two halves of a cache whose geometry is `shape`, as returned by
+/// `step.check_cache` (panics if their lengths disagree with it), in the cache's type `T`.
+pub(crate) fn attend<T: Elem, Q: Elem>(
     _cpu: Avx512,
     step: &StepLayout,
     shape: CacheShape,
-    q: &[T],
+    q: &[Q],
     k: &[T],
     v: &[T],
     scale: f32,
-) -> Option<Vec<T>> {
+) -> Option<Vec<Q>> {
     let (heads, dim, width) = (shape.heads, shape.head_dim, shape.width());
     let kernel: Kernel<T> = match dim {
         16 => attend_heads::<1, T>,
@@ -49,7 +50,7 @@ pub(crate) fn attend<T: Elem>(
         .clamp(1, heads);
     let per_run = heads.div_ceil(runs);
     let runs = heads.div_ceil(per_run);
-    let mut out = vec![T::narrow(0.0); tokens * width];
+    let mut out = vec![Q::narrow(0.0); tokens * width];
     let shared = SharedOut::new(&mut out);
     pool.execute_chunked(tokens * runs, |range| {
         let mut scratch = AttendScratch::default();
@@ -59,7 +60,7 @@ pub(crate) fn attend<T: Elem>(
             let (h0, h1) = (r * per_run, ((r + 1) * per_run).min(heads));
             let len = (h1 - h0) * dim;
             let start = t * width + h0 * dim;
-            let qf = T::as_f32(&q[start..start + len], &mut qbuf);
+            let qf = Q::as_f32(&q[start..start + len], &mut qbuf);
             let at = HeadsView {
                 table: step.table_of(t),
                 block_size: shape.block_size,
@@ -79,9 +80,7 @@ pub(crate) fn attend<T: Elem>(
             // SAFETY: item `i` is handed to exactly one call (the pool's cursor), and it owns
             // `out[start..start + len]`: token `t`, heads `h0..h1`.
             let dst = unsafe { shared.slice(start..start + len) };
-            for (o, &x) in dst.iter_mut().zip(&res[..len]) {
-                *o = T::narrow(x);
-            }
+            Q::narrow_into(&res[..len], dst);
         }
     });
     Some(out)

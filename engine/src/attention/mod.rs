@@ -28,16 +28,26 @@ mod avx512;
 mod cuda;
 mod portable;
 
-/// Writes a step's new keys and values (`(tokens, n_head, head_dim)` each, the cache's dtype)
-/// into their slots of one layer's `cache` (in place).
+/// Writes a step's new keys and values (`(tokens, n_head, head_dim)` each, any float dtype)
+/// into their slots of one layer's `cache` (in place), rounded to the cache's dtype. On the
+/// CPU the rounding happens in the copy; the CUDA kernels take the cache's dtype, so there
+/// the keys and values are converted first.
 pub(crate) fn write_kv(cache: &Tensor, k: &Tensor, v: &Tensor, step: &StepLayout) -> Result<()> {
     step.check_cache(cache.dims())?;
-    cache.inplace_op3(k, v, &WriteKv { step })?;
+    if cache.device().is_cpu() || k.dtype() == cache.dtype() {
+        cache.inplace_op3(k, v, &WriteKv { step })?;
+    } else {
+        let (k, v) = (k.to_dtype(cache.dtype())?, v.to_dtype(cache.dtype())?);
+        cache.inplace_op3(&k, &v, &WriteKv { step })?;
+    }
     Ok(())
 }
 
-/// Attention of each new token (`q`: `(tokens, n_head, head_dim)`) over the cached keys and
-/// values of its own sequence, positions `0..=its position`. Scores and softmax in f32.
+/// Attention of each new token (`q`: `(tokens, n_head, head_dim)`, any float dtype) over the
+/// cached keys and values of its own sequence, positions `0..=its position`. Scores and
+/// softmax in f32; the output in `q`'s dtype. On the CPU queries and output stay in their
+/// dtype whatever the cache's; the CUDA kernels take the cache's, so there they are
+/// converted on the way in and out.
 pub(crate) fn paged_attention(
     q: &Tensor,
     cache: &Tensor,
@@ -45,7 +55,30 @@ pub(crate) fn paged_attention(
     scale: f32,
 ) -> Result<Tensor> {
     step.check_cache(cache.dims())?;
-    Ok(q.apply_op2_no_bwd(cache, &PagedAttention { step, scale })?)
+    let op = PagedAttention { step, scale };
+    if cache.device().is_cpu() || q.dtype() == cache.dtype() {
+        Ok(q.apply_op2_no_bwd(cache, &op)?)
+    } else {
+        let out = q.to_dtype(cache.dtype())?.apply_op2_no_bwd(cache, &op)?;
+        Ok(out.to_dtype(q.dtype())?)
+    }
+}
+
+/// `$body` with `$x` bound to the elements of a float [`CpuStorage`] (`f32`, `f16` or
+/// `bf16`); any other dtype is an error naming `$what`.
+macro_rules! with_float {
+    ($storage:expr, $what:literal, |$x:ident| $body:expr) => {
+        match $storage {
+            CpuStorage::F32($x) => $body,
+            CpuStorage::F16($x) => $body,
+            CpuStorage::BF16($x) => $body,
+            other => candle_core::bail!(
+                "{}: {:?} is not a float type (f32, f16 or bf16)",
+                $what,
+                other.dtype()
+            ),
+        }
+    };
 }
 
 struct WriteKv<'a> {
@@ -95,13 +128,13 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a 
 }
 
 impl WriteKv<'_> {
-    fn write<T: Copy>(
+    fn write<C: Elem, X: Elem>(
         &self,
-        cache: &mut [T],
+        cache: &mut [C],
         cache_l: &Layout,
-        k: &[T],
+        k: &[X],
         k_l: &Layout,
-        v: &[T],
+        v: &[X],
         v_l: &Layout,
     ) -> candle_core::Result<()> {
         let shape = check_operands(
@@ -132,22 +165,27 @@ impl InplaceOp3 for WriteKv<'_> {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> candle_core::Result<()> {
-        match (cache, k, v) {
-            (CpuStorage::F32(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                self.write(c, cache_l, k, k_l, v, v_l)
-            }
-            (CpuStorage::F16(c), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                self.write(c, cache_l, k, k_l, v, v_l)
-            }
-            (CpuStorage::BF16(c), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                self.write(c, cache_l, k, k_l, v, v_l)
-            }
-            (c, k, _) => candle_core::bail!(
-                "KV write: cache is {:?} but new keys are {:?}; both must be the same float type",
-                c.dtype(),
-                k.dtype()
-            ),
+        macro_rules! same_type {
+            ($cache:ident, $k:ident) => {
+                match (k, v) {
+                    (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                        self.write($cache, cache_l, k, k_l, v, v_l)
+                    }
+                    (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                        self.write($cache, cache_l, k, k_l, v, v_l)
+                    }
+                    (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                        self.write($cache, cache_l, k, k_l, v, v_l)
+                    }
+                    (k, v) => candle_core::bail!(
+                        "KV write: new keys are {:?} and new values {:?}; both must be the same float type",
+                        k.dtype(),
+                        v.dtype()
+                    ),
+                }
+            };
         }
+        with_float!(cache, "KV cache", |c| same_type!(c, k))
     }
 
     #[cfg(feature = "cuda")]
@@ -170,13 +208,13 @@ impl InplaceOp3 for WriteKv<'_> {
 }
 
 impl PagedAttention<'_> {
-    fn attend<T: Elem>(
+    fn attend<T: Elem, Q: Elem>(
         &self,
-        q: &[T],
+        q: &[Q],
         q_l: &Layout,
         cache: &[T],
         cache_l: &Layout,
-    ) -> candle_core::Result<Vec<T>> {
+    ) -> candle_core::Result<Vec<Q>> {
         let shape = check_operands(self.step, cache_l, &[(q_l, "queries")])?;
         let (q, cache) = (contiguous(q, q_l)?, contiguous(cache, cache_l)?);
         let (k_half, v_half) = cache.split_at(shape.half_len());
@@ -206,16 +244,15 @@ impl CustomOp2 for PagedAttention<'_> {
         cache_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = q_l.shape().clone();
-        let out = match (q, cache) {
-            (CpuStorage::F32(q), CpuStorage::F32(c)) => CpuStorage::F32(self.attend(q, q_l, c, cache_l)?),
-            (CpuStorage::F16(q), CpuStorage::F16(c)) => CpuStorage::F16(self.attend(q, q_l, c, cache_l)?),
-            (CpuStorage::BF16(q), CpuStorage::BF16(c)) => CpuStorage::BF16(self.attend(q, q_l, c, cache_l)?),
-            (q, c) => candle_core::bail!(
-                "paged attention: queries are {:?} but the cache is {:?}; both must be the same float type",
-                q.dtype(),
-                c.dtype()
+        let out = with_float!(cache, "KV cache", |c| match q {
+            CpuStorage::F32(q) => CpuStorage::F32(self.attend(q, q_l, c, cache_l)?),
+            CpuStorage::F16(q) => CpuStorage::F16(self.attend(q, q_l, c, cache_l)?),
+            CpuStorage::BF16(q) => CpuStorage::BF16(self.attend(q, q_l, c, cache_l)?),
+            other => candle_core::bail!(
+                "paged attention: queries are {:?}, not a float type (f32, f16 or bf16)",
+                other.dtype()
             ),
-        };
+        });
         Ok((out, shape))
     }
 
@@ -283,8 +320,17 @@ mod tests {
     }
 
     /// Prefills `len` tokens in two chunks (split at `split`, each attending to what came
-    /// before) through a scattered block table, and compares with plain attention.
-    fn check_against_plain(heads: usize, dim: usize, block_size: usize, len: usize, split: usize) {
+    /// before) through a scattered block table, and compares with plain attention. Queries,
+    /// keys and values are f32; the cache is `cache` (keys and values rounded to it on the
+    /// way in, as plain attention is given them), the output f32.
+    fn check_against_plain(
+        heads: usize,
+        dim: usize,
+        block_size: usize,
+        len: usize,
+        split: usize,
+        cache: DType,
+    ) {
         let num_blocks = 16;
         let width = heads * dim;
         let (q, k, v) = (
@@ -293,7 +339,7 @@ mod tests {
             values(len * width, 3),
         );
         let dev = Device::Cpu;
-        let pool = KvPool::new(1, heads, dim, num_blocks, block_size, DType::F32, &dev).unwrap();
+        let pool = KvPool::new(1, heads, dim, num_blocks, block_size, cache, &dev).unwrap();
         let table: Vec<BlockId> = [9, 2, 14, 5, 0, 11, 7]
             .iter()
             .take(len.div_ceil(block_size))
@@ -314,23 +360,46 @@ mod tests {
             };
             write_kv(pool.layer(0), &t(&k), &t(&v), &step).unwrap();
             let out = paged_attention(&t(&q), pool.layer(0), &step, 0.3).unwrap();
+            assert_eq!(
+                out.dtype(),
+                DType::F32,
+                "the output keeps the queries' dtype"
+            );
             got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
-        let want = reference(&q, &k, &v, heads, dim, 0, 0.3);
+        let rounded = |x: &[f32]| -> Vec<f32> {
+            let t = Tensor::from_slice(x, x.len(), &dev).unwrap();
+            let t = t.to_dtype(cache).unwrap().to_dtype(DType::F32).unwrap();
+            t.to_vec1::<f32>().unwrap()
+        };
+        let want = reference(&q, &rounded(&k), &rounded(&v), heads, dim, 0, 0.3);
         for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-5, "heads {heads} dim {dim}: {g} vs {w}");
+            assert!(
+                (g - w).abs() < 1e-5,
+                "heads {heads} dim {dim} cache {cache:?}: {g} vs {w}"
+            );
         }
     }
 
     #[test]
     fn chunked_writes_and_scattered_blocks_match_plain_attention() {
         // A head size with no vector kernel (the portable path) ...
-        check_against_plain(2, 8, 4, 11, 6);
+        check_against_plain(2, 8, 4, 11, 6, DType::F32);
         // ... and GPT-J's (the AVX-512 path where the CPU has it): contexts that end inside a
         // group of 16 positions and inside a block, odd and even.
-        check_against_plain(3, 64, 16, 53, 20);
-        check_against_plain(2, 256, 8, 37, 17);
-        check_against_plain(1, 32, 16, 16, 15);
+        check_against_plain(3, 64, 16, 53, 20, DType::F32);
+        check_against_plain(2, 256, 8, 37, 17, DType::F32);
+        check_against_plain(1, 32, 16, 16, 15, DType::F32);
+    }
+
+    /// f32 activations over a narrower cache (q8_0's f16 by default): keys and values are
+    /// rounded once on the way in, queries and output stay f32, on both paths.
+    #[test]
+    fn f32_queries_attend_over_a_narrow_cache() {
+        for cache in [DType::F16, DType::BF16] {
+            check_against_plain(2, 8, 4, 11, 6, cache);
+            check_against_plain(3, 64, 16, 53, 20, cache);
+        }
     }
 
     /// The portable paths on plain slices, without candle's tensors: what Miri runs. Step 1

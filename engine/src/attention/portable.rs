@@ -8,38 +8,45 @@ use rayon::prelude::*;
 use crate::cpu::{vector, Elem};
 use crate::paged::{CacheShape, StepLayout};
 
-/// Writes the step's new keys and values (`(tokens, heads, head_dim)` each) into their slots of
-/// `cache`, a layer's cache of geometry `shape`.
-pub(crate) fn write_kv<T: Copy>(
+/// Writes the step's new keys and values (`(tokens, heads, head_dim)` each, in the
+/// activations' type `X`) into their slots of `cache`, a layer's cache of geometry `shape`,
+/// rounded to the cache's type `C` (copied as they are when the two are the same).
+pub(crate) fn write_kv<C: Elem, X: Elem>(
     step: &StepLayout,
     shape: CacheShape,
-    cache: &mut [T],
-    k: &[T],
-    v: &[T],
+    cache: &mut [C],
+    k: &[X],
+    v: &[X],
 ) {
     let width = shape.width();
     let (k_half, v_half) = cache.split_at_mut(shape.half_len());
+    let mut wide = vec![0f32; width];
     for (t, &slot) in step.slots().iter().enumerate() {
-        let dst = slot as usize * width;
-        k_half[dst..dst + width].copy_from_slice(&k[t * width..(t + 1) * width]);
-        v_half[dst..dst + width].copy_from_slice(&v[t * width..(t + 1) * width]);
+        let dst = slot as usize * width..(slot as usize + 1) * width;
+        let src = t * width..(t + 1) * width;
+        C::narrow_into(
+            X::as_f32(&k[src.clone()], &mut wide),
+            &mut k_half[dst.clone()],
+        );
+        C::narrow_into(X::as_f32(&v[src], &mut wide), &mut v_half[dst]);
     }
 }
 
 /// Attention of every new token of `step` (`q`: `(tokens, heads, head_dim)`) over positions
 /// `0..=its position` of its own sequence, read from the K and V halves of a cache of
-/// geometry `shape`. Scores and softmax in f32.
-pub(crate) fn attend<T: Elem>(
+/// geometry `shape`. Scores and softmax in f32; queries and output in the activations' type
+/// `Q`, the cache in its own `T`.
+pub(crate) fn attend<T: Elem, Q: Elem>(
     step: &StepLayout,
     shape: CacheShape,
-    q: &[T],
+    q: &[Q],
     k_half: &[T],
     v_half: &[T],
     scale: f32,
-) -> Vec<T> {
+) -> Vec<Q> {
     let (heads, dim, width, block_size) =
         (shape.heads, shape.head_dim, shape.width(), shape.block_size);
-    let mut out = vec![T::narrow(0.0); step.num_tokens() * width];
+    let mut out = vec![Q::narrow(0.0); step.num_tokens() * width];
     out.par_chunks_mut(dim).enumerate().for_each_init(
         || {
             (
@@ -51,7 +58,7 @@ pub(crate) fn attend<T: Elem>(
         },
         |(scores, qbuf, row, acc), (i, out)| {
             let (t, h) = (i / heads, i % heads);
-            let qf = T::as_f32(&q[i * dim..(i + 1) * dim], qbuf);
+            let qf = Q::as_f32(&q[i * dim..(i + 1) * dim], qbuf);
             let table = step.table_of(t);
             let ctx = step.context_of(t);
             let offset_of = |pos: usize| {
@@ -76,9 +83,7 @@ pub(crate) fn attend<T: Elem>(
                 let off = offset_of(pos);
                 vector::axpy(p / sum, T::as_f32(&v_half[off..off + dim], row), acc);
             }
-            for (o, &a) in out.iter_mut().zip(acc.iter()) {
-                *o = T::narrow(a);
-            }
+            Q::narrow_into(acc, out);
         },
     );
     out

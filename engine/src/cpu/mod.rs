@@ -83,6 +83,13 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// `v` rounded to this type.
     fn narrow(v: f32) -> Self;
 
+    /// `src` rounded to this type into `dst` (as long), as `narrow` does each value.
+    fn narrow_into(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::narrow(s);
+        }
+    }
+
     /// 16 values from `p`, widened to f32 lanes.
     ///
     /// # Safety
@@ -99,6 +106,10 @@ impl Elem for f32 {
 
     fn narrow(v: f32) -> Self {
         v
+    }
+
+    fn narrow_into(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -118,6 +129,11 @@ impl Elem for f16 {
 
     fn narrow(v: f32) -> Self {
         f16::from_f32(v)
+    }
+
+    fn narrow_into(src: &[f32], dst: &mut [Self]) {
+        // half's slice conversion: F16C where the CPU has it, the same rounding either way.
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -29,6 +29,7 @@ pub(crate) enum Start {
     Out,
 }
 
+#[derive(Clone, Copy)]
 /// Pointers for one tile of a float product: `X` inputs (f32 for `float_tile`, bf16 for
 /// `bf16_pair_tile`) against `W` weight panels.
 pub(crate) struct FloatTile<X, W> {
@@ -41,6 +42,33 @@ pub(crate) struct FloatTile<X, W> {
     pub out: *mut f32,
     pub out_stride: usize,
     pub bias: Start,
+}
+
+impl<X, W> FloatTile<X, W> {
+    /// The same tile moved down `r` rows (inputs and outputs; weights and bias stay). Pointer
+    /// arithmetic only: the result is as valid as the caller's knowledge that the view covers
+    /// rows `r..`.
+    pub fn down_rows(self, r: usize) -> Self {
+        Self {
+            x: self.x.wrapping_add(r * self.x_stride),
+            out: self.out.wrapping_add(r * self.out_stride),
+            ..self
+        }
+    }
+}
+
+impl Q8Tile {
+    /// The same tile moved down `r` rows (quants, scales, offsets and outputs), as
+    /// [`FloatTile::down_rows`].
+    pub fn down_rows(self, r: usize) -> Self {
+        Self {
+            xq: self.xq.wrapping_add(r * self.x_stride),
+            x_scales: self.x_scales.wrapping_add(r * self.x_block_stride),
+            x_offsets: self.x_offsets.wrapping_add(r * self.x_block_stride),
+            out: self.out.wrapping_add(r * self.out_stride),
+            ..self
+        }
+    }
 }
 
 /// # Safety
@@ -228,6 +256,7 @@ fn quantize_blocks_avx512(x: &[f32], quants: &mut [i8], scales: &mut [f32], offs
 }
 
 /// Pointers for one q8_0 tile (see `q8_tile`).
+#[derive(Clone, Copy)]
 pub(crate) struct Q8Tile {
     pub xq: *const i8,
     pub x_scales: *const f32,

@@ -406,9 +406,9 @@ impl Job<'_> {
             "column groups {g0}..{g1}"
         );
         let k = self.lin.in_dim;
-        let (tile_c, tile_r) = match self.lin.panels {
-            Panels::Q8 { .. } => (QC, QR),
-            _ => (FC, FR),
+        let tile_c = match self.lin.panels {
+            Panels::Q8 { .. } => QC,
+            _ => FC,
         };
         let mut g = g0;
         while g < g1 {
@@ -416,14 +416,9 @@ impl Job<'_> {
             let mut k0 = 0;
             while k0 < k {
                 let k1 = (k0 + KC).min(k);
-                let mut r = 0;
-                while r < self.rows {
-                    let nr = tile_r.min(self.rows - r);
-                    // SAFETY: groups `g..g + c` lie in this call's `g0..g1`, which no other
-                    // thread works on (the caller's promise).
-                    unsafe { self.tile(r, nr, g, c, k0, k1) };
-                    r += nr;
-                }
+                // SAFETY: groups `g..g + c` lie in this call's `g0..g1`, which no other
+                // thread works on (the caller's promise).
+                unsafe { self.tiles(g, c, k0, k1) };
                 k0 = k1;
             }
             if self.act == Activation::GeluNew {
@@ -439,20 +434,26 @@ impl Job<'_> {
         }
     }
 
-    /// Runs the kernel instantiated for a tile of `nr` rows from `r`, `nc` column groups from
-    /// `g`, over inputs `k0..k1` (a multiple of `QBLOCK` apart for q8_0).
+    /// Runs the kernels over every row, `nc` column groups from `g`, inputs `k0..k1` (a
+    /// multiple of `QBLOCK` apart for q8_0): tiles of up to `FR` (`QR`) rows, each on the
+    /// kernel instantiated for its shape.
     ///
-    /// The pointers it hands the kernel come from `view` and `q8_view`, which take them from
-    /// slices indexed over the whole tile, so an out-of-range tile panics there rather than
-    /// reaching the kernel; and the CPU's features are proven by the layer's [`Avx512`] token.
+    /// The pointers come from one view of all the rows (`view`, `q8_view`), taken from slices
+    /// indexed over the whole of it, so an out-of-range view panics there rather than reaching
+    /// a kernel; each tile's are that view moved down to the tile's first row, inside it. The
+    /// CPU's features are proven by the layer's [`Avx512`] token.
     ///
     /// # Safety
-    /// No other thread reads or writes rows `r..r + nr`, groups `g..g + nc` of `out` meanwhile.
-    unsafe fn tile(&self, r: usize, nr: usize, g: usize, nc: usize, k0: usize, k1: usize) {
+    /// No other thread reads or writes groups `g..g + nc` of `out` meanwhile.
+    unsafe fn tiles(&self, g: usize, nc: usize, k0: usize, k1: usize) {
+        let rows = self.rows;
+        if rows == 0 {
+            return;
+        }
         /// `$call!(R, C)` for the tile's `nr` x `nc`, from the listed shapes.
         macro_rules! by_shape {
-            ($call:ident; [$($rr:literal),+]; $cs:tt) => {
-                match nr {
+            ($call:ident; $nr:expr; [$($rr:literal),+]; $cs:tt) => {
+                match $nr {
                     $($rr => by_shape!(@cols $call; $rr; $cs),)+
                     _ => unreachable!("tile rows"),
                 }
@@ -466,25 +467,33 @@ impl Job<'_> {
         }
         /// A float tile of `$x` against panels `$p` on `$kernel` (generics after the shape:
         /// `$t`).
-        macro_rules! float {
-            ($kernel:ident, $x:expr, $p:expr $(, $t:ty)?) => {{
-                let view = self.view($x, $p, r, nr, g, nc, k0, k1);
-                macro_rules! call {
-                    ($rr:literal, $cc:literal) => {
-                        // SAFETY: the view covers an `nr` x `nc` tile (checked where it is
-                        // made), `self.lin.cpu` proves the features (and for pair panels
-                        // their `Bf16Dot` token proves BF16), and the output part is this
-                        // thread's alone (the caller's promise).
-                        unsafe { avx512::$kernel::<$rr, $cc $(, $t)?>(view) }
-                    };
+        /// Every row tile of `$view` (all rows) on `$kernel` (generics after the shape: `$t`).
+        macro_rules! row_tiles {
+            ($kernel:ident, $view:expr, $max_r:expr; $rs:tt; $cs:tt $(, $t:ty)?) => {{
+                let all = $view;
+                let mut r = 0;
+                while r < rows {
+                    let nr = $max_r.min(rows - r);
+                    let view = all.down_rows(r);
+                    macro_rules! call {
+                        ($rr:literal, $cc:literal) => {
+                            // SAFETY: the view covers rows `r..r + nr` (all rows from 0 were
+                            // checked where it was made, and `r + nr <= rows`) of `nc` groups,
+                            // `self.lin.cpu` proves the features (and for pair panels their
+                            // `Bf16Dot` token proves BF16), and the output part is this
+                            // thread's alone (the caller's promise).
+                            unsafe { avx512::$kernel::<$rr, $cc $(, $t)?>(view) }
+                        };
+                    }
+                    by_shape!(call; nr; $rs; $cs);
+                    r += nr;
                 }
-                by_shape!(call; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
             }};
         }
-        macro_rules! q8 {
-            ($rr:literal, $cc:literal) => {
-                // SAFETY: as for `float_tile` above.
-                unsafe { avx512::q8_tile::<$rr, $cc>(self.q8_view(r, nr, g, nc, k0, k1)) }
+        macro_rules! float {
+            ($kernel:ident, $x:expr, $p:expr $(, $t:ty)?) => {
+                row_tiles!($kernel, self.view($x, $p, g, nc, k0, k1), FR;
+                    [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4] $(, $t)?)
             };
         }
         match (&self.lin.panels, self.input) {
@@ -492,69 +501,61 @@ impl Job<'_> {
             (Panels::F16(p), Input::F32(x)) => float!(float_tile, x, p, _),
             (Panels::Bf16(p), Input::F32(x)) => float!(float_tile, x, p, _),
             (Panels::Bf16Pairs(p, _), Input::Bf16(x)) => float!(bf16_pair_tile, x, p),
-            (Panels::Q8 { .. }, Input::Q8(_)) => by_shape!(q8; [1, 2, 3, 4]; [1, 2, 3]),
+            (Panels::Q8 { .. }, Input::Q8(_)) => {
+                row_tiles!(q8_tile, self.q8_view(g, nc, k0, k1), QR; [1, 2, 3, 4]; [1, 2, 3])
+            }
             _ => unreachable!("`run` builds the input its panels take"),
         }
     }
 
-    /// The part of `out` a tile writes: rows `r..r + nr`, groups `g..g + nc` (and what lies
-    /// between its rows); panics outside `out`.
-    fn out_ptr(&self, r: usize, nr: usize, g: usize, nc: usize) -> *mut f32 {
-        let start = r * self.stride + g * LANES;
-        let end = (r + nr - 1) * self.stride + (g + nc) * LANES;
+    /// The part of `out` the tiles of groups `g..g + nc` write, over every row (and what lies
+    /// between the rows); panics outside `out`.
+    fn out_ptr(&self, g: usize, nc: usize) -> *mut f32 {
+        let start = g * LANES;
+        let end = (self.rows - 1) * self.stride + (g + nc) * LANES;
         self.out.ptr(start..end)
     }
 
-    /// Pointers for a float tile of inputs `x` against `panels`, each taken from a slice that
-    /// covers the whole tile. Pair panels share the float layout's offsets (pair `k / 2`
-    /// starts where input `k` would), and their `k0`, `k1` are even (`KC` is, and so is their
-    /// `in_dim`).
-    #[allow(clippy::too_many_arguments)]
+    /// Pointers for the float tiles of every row of inputs `x` against `panels`, each taken
+    /// from a slice that covers them all. Pair panels share the float layout's offsets (pair
+    /// `k / 2` starts where input `k` would), and their `k0`, `k1` are even (`KC` is, and so
+    /// is their `in_dim`).
     fn view<X, W>(
         &self,
         x: &[X],
         panels: &[W],
-        r: usize,
-        nr: usize,
         g: usize,
         nc: usize,
         k0: usize,
         k1: usize,
     ) -> avx512::FloatTile<X, W> {
         let k = self.lin.in_dim;
+        let last_r = self.rows - 1;
         avx512::FloatTile {
-            x: x[r * k + k0..(r + nr - 1) * k + k1].as_ptr(),
+            x: x[k0..last_r * k + k1].as_ptr(),
             x_stride: k,
             w: panels[(g * k + k0) * LANES..((g + nc - 1) * k + k1) * LANES].as_ptr(),
             w_stride: k * LANES,
             len: k1 - k0,
-            out: self.out_ptr(r, nr, g, nc),
+            out: self.out_ptr(g, nc),
             out_stride: self.stride,
             bias: self.start(g, nc, k0),
         }
     }
 
-    /// Pointers for a q8_0 tile, each taken from a slice that covers the whole tile.
-    fn q8_view(
-        &self,
-        r: usize,
-        nr: usize,
-        g: usize,
-        nc: usize,
-        k0: usize,
-        k1: usize,
-    ) -> avx512::Q8Tile {
+    /// Pointers for the q8_0 tiles of every row, each taken from a slice that covers them all.
+    fn q8_view(&self, g: usize, nc: usize, k0: usize, k1: usize) -> avx512::Q8Tile {
         let (Input::Q8(x), Panels::Q8 { quants, scales }) = (self.input, &self.lin.panels) else {
             unreachable!("q8 panels take quantized input")
         };
         let k = self.lin.in_dim;
         let blocks = k / QBLOCK;
         let (b0, b1) = (k0 / QBLOCK, k1 / QBLOCK);
-        let (last_r, last_g) = (r + nr - 1, g + nc - 1);
+        let (last_r, last_g) = (self.rows - 1, g + nc - 1);
         avx512::Q8Tile {
-            xq: x.quants[r * k + k0..last_r * k + k1].as_ptr(),
-            x_scales: x.scales[r * blocks + b0..last_r * blocks + b1].as_ptr(),
-            x_offsets: x.offsets[r * blocks + b0..last_r * blocks + b1].as_ptr(),
+            xq: x.quants[k0..last_r * k + k1].as_ptr(),
+            x_scales: x.scales[b0..last_r * blocks + b1].as_ptr(),
+            x_offsets: x.offsets[b0..last_r * blocks + b1].as_ptr(),
             x_stride: k,
             x_block_stride: blocks,
             wq: quants[(g * blocks + b0) * QBLOCK * LANES..(last_g * blocks + b1) * QBLOCK * LANES]
@@ -562,7 +563,7 @@ impl Job<'_> {
             w_scales: scales[(g * blocks + b0) * LANES..(last_g * blocks + b1) * LANES].as_ptr(),
             w_group_blocks: blocks,
             blocks: b1 - b0,
-            out: self.out_ptr(r, nr, g, nc),
+            out: self.out_ptr(g, nc),
             out_stride: self.stride,
             bias: self.start(g, nc, k0),
         }
