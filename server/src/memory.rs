@@ -11,6 +11,11 @@
 //! prompts than after the next). [`limit_arenas`] caps them at one per core before any
 //! thread starts, which makes the settled RSS repeatable; an operator's `MALLOC_ARENA_MAX`
 //! takes precedence.
+//!
+//! The engine sets the heap's other two tunables for its step buffers once the model has
+//! loaded (`gptj_engine`'s `heap.rs`: buffers up to 32 MiB from the heap, 512 MiB of freed
+//! heap kept). A trim here returns those buffers too; the next step faults them back in, once
+//! every few seconds instead of every step.
 
 /// Caps glibc's malloc arenas at one per core (at least 2), unless `MALLOC_ARENA_MAX` is set.
 /// Call it before the first thread is spawned: arenas that exist are not merged.
