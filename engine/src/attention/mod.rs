@@ -128,7 +128,8 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a 
 }
 
 impl WriteKv<'_> {
-    fn write<C: Elem, X: Elem>(
+    #[allow(clippy::too_many_arguments)]
+    fn write<C, X>(
         &self,
         cache: &mut [C],
         cache_l: &Layout,
@@ -136,6 +137,7 @@ impl WriteKv<'_> {
         k_l: &Layout,
         v: &[X],
         v_l: &Layout,
+        store: fn(&[X], &mut [C], &mut [f32]),
     ) -> candle_core::Result<()> {
         let shape = check_operands(
             self.step,
@@ -146,7 +148,7 @@ impl WriteKv<'_> {
             candle_core::bail!("the KV cache must be contiguous");
         };
         let (k, v) = (contiguous(k, k_l)?, contiguous(v, v_l)?);
-        portable::write_kv(self.step, shape, &mut cache[start..end], k, v);
+        portable::write_kv(self.step, shape, &mut cache[start..end], k, v, store);
         Ok(())
     }
 }
@@ -165,27 +167,38 @@ impl InplaceOp3 for WriteKv<'_> {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> candle_core::Result<()> {
-        macro_rules! same_type {
-            ($cache:ident, $k:ident) => {
+        use portable::{copy_row, round_row};
+        match (cache, k, v) {
+            // One type throughout (f32 weights, f16 or bf16 activations by default): a copy.
+            (CpuStorage::F32(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l, copy_row)
+            }
+            (CpuStorage::F16(c), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l, copy_row)
+            }
+            (CpuStorage::BF16(c), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l, copy_row)
+            }
+            // A cache of another type (q8_0's f16 under f32 activations): rounded in the copy.
+            (cache, k, v) => with_float!(cache, "KV cache", |c| {
                 match (k, v) {
-                    (CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                        self.write($cache, cache_l, k, k_l, v, v_l)
-                    }
-                    (CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                        self.write($cache, cache_l, k, k_l, v, v_l)
-                    }
-                    (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                        self.write($cache, cache_l, k, k_l, v, v_l)
-                    }
-                    (k, v) => candle_core::bail!(
-                        "KV write: new keys are {:?} and new values {:?}; both must be the same float type",
-                        k.dtype(),
-                        v.dtype()
-                    ),
+                (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                    self.write(c, cache_l, k, k_l, v, v_l, round_row)
                 }
-            };
+                (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                    self.write(c, cache_l, k, k_l, v, v_l, round_row)
+                }
+                (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                    self.write(c, cache_l, k, k_l, v, v_l, round_row)
+                }
+                (k, v) => candle_core::bail!(
+                    "KV write: new keys are {:?} and new values {:?}; both must be the same float type",
+                    k.dtype(),
+                    v.dtype()
+                ),
+            }
+            }),
         }
-        with_float!(cache, "KV cache", |c| same_type!(c, k))
     }
 
     #[cfg(feature = "cuda")]
@@ -445,7 +458,7 @@ mod tests {
                 k.extend_from_slice(&ks[a * width..b * width]);
                 v.extend_from_slice(&vs[a * width..b * width]);
             }
-            portable::write_kv(&step, shape, &mut cache, &k, &v);
+            portable::write_kv(&step, shape, &mut cache, &k, &v, portable::copy_row);
             let (k_half, v_half) = cache.split_at(shape.half_len());
             portable::attend(&step, shape, &q, k_half, v_half, 0.5)
         };

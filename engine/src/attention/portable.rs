@@ -10,13 +10,15 @@ use crate::paged::{CacheShape, StepLayout};
 
 /// Writes the step's new keys and values (`(tokens, heads, head_dim)` each, in the
 /// activations' type `X`) into their slots of `cache`, a layer's cache of geometry `shape`,
-/// rounded to the cache's type `C` (copied as they are when the two are the same).
-pub(crate) fn write_kv<C: Elem, X: Elem>(
+/// each token's row through `store` ([`copy_row`] where the types are the same,
+/// [`round_row`] where the cache is narrower or wider).
+pub(crate) fn write_kv<C, X>(
     step: &StepLayout,
     shape: CacheShape,
     cache: &mut [C],
     k: &[X],
     v: &[X],
+    store: fn(&[X], &mut [C], &mut [f32]),
 ) {
     let width = shape.width();
     let (k_half, v_half) = cache.split_at_mut(shape.half_len());
@@ -24,12 +26,19 @@ pub(crate) fn write_kv<C: Elem, X: Elem>(
     for (t, &slot) in step.slots().iter().enumerate() {
         let dst = slot as usize * width..(slot as usize + 1) * width;
         let src = t * width..(t + 1) * width;
-        C::narrow_into(
-            X::as_f32(&k[src.clone()], &mut wide),
-            &mut k_half[dst.clone()],
-        );
-        C::narrow_into(X::as_f32(&v[src], &mut wide), &mut v_half[dst]);
+        store(&k[src.clone()], &mut k_half[dst.clone()], &mut wide);
+        store(&v[src], &mut v_half[dst], &mut wide);
     }
+}
+
+/// A row stored as it is (cache and activations of one type).
+pub(crate) fn copy_row<T: Copy>(src: &[T], dst: &mut [T], _wide: &mut [f32]) {
+    dst.copy_from_slice(src);
+}
+
+/// A row rounded to the cache's type through f32 (`wide`, at least as long).
+pub(crate) fn round_row<X: Elem, C: Elem>(src: &[X], dst: &mut [C], wide: &mut [f32]) {
+    C::narrow_into(X::as_f32(src, wide), dst);
 }
 
 /// Attention of every new token of `step` (`q`: `(tokens, heads, head_dim)`) over positions

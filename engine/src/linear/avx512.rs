@@ -29,9 +29,9 @@ pub(crate) enum Start {
     Out,
 }
 
-#[derive(Clone, Copy)]
 /// Pointers for one tile of a float product: `X` inputs (f32 for `float_tile`, bf16 for
 /// `bf16_pair_tile`) against `W` weight panels.
+#[derive(Clone, Copy)]
 pub(crate) struct FloatTile<X, W> {
     pub x: *const X,
     pub x_stride: usize,
@@ -48,7 +48,7 @@ impl<X, W> FloatTile<X, W> {
     /// The same tile moved down `r` rows (inputs and outputs; weights and bias stay). Pointer
     /// arithmetic only: the result is as valid as the caller's knowledge that the view covers
     /// rows `r..`.
-    pub fn down_rows(self, r: usize) -> Self {
+    pub(crate) fn down_rows(self, r: usize) -> Self {
         Self {
             x: self.x.wrapping_add(r * self.x_stride),
             out: self.out.wrapping_add(r * self.out_stride),
@@ -60,7 +60,7 @@ impl<X, W> FloatTile<X, W> {
 impl Q8Tile {
     /// The same tile moved down `r` rows (quants, scales, offsets and outputs), as
     /// [`FloatTile::down_rows`].
-    pub fn down_rows(self, r: usize) -> Self {
+    pub(crate) fn down_rows(self, r: usize) -> Self {
         Self {
             xq: self.xq.wrapping_add(r * self.x_stride),
             x_scales: self.x_scales.wrapping_add(r * self.x_block_stride),

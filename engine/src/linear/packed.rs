@@ -465,8 +465,6 @@ impl Job<'_> {
                 }
             };
         }
-        /// A float tile of `$x` against panels `$p` on `$kernel` (generics after the shape:
-        /// `$t`).
         /// Every row tile of `$view` (all rows) on `$kernel` (generics after the shape: `$t`).
         macro_rules! row_tiles {
             ($kernel:ident, $view:expr, $max_r:expr; $rs:tt; $cs:tt $(, $t:ty)?) => {{
@@ -490,6 +488,8 @@ impl Job<'_> {
                 }
             }};
         }
+        /// The float tiles of `$x` against panels `$p` on `$kernel` (generics after the
+        /// shape: `$t`).
         macro_rules! float {
             ($kernel:ident, $x:expr, $p:expr $(, $t:ty)?) => {
                 row_tiles!($kernel, self.view($x, $p, g, nc, k0, k1), FR;
