@@ -75,11 +75,17 @@ impl DecodeRow {
 
     /// The instruction whose peak bounds this precision's products.
     #[cfg(target_arch = "x86_64")]
+    /// On CPUs without AVX-512, the float precisions run the AVX2 kernel (256-bit FMA), and
+    /// q8_0 candle's kernel, which has no peak here ("-").
     pub fn dot_kind(&self) -> DotKind {
+        let avx512 = DotKind::F32.available();
         match self.precision {
             Precision::Q8_0 => DotKind::Int8,
-            Precision::Bf16 => DotKind::Bf16,
-            Precision::Native | Precision::F32 | Precision::F16 => DotKind::F32,
+            Precision::Bf16 if avx512 => DotKind::Bf16,
+            Precision::Native | Precision::F32 | Precision::F16 if avx512 => DotKind::F32,
+            Precision::Native | Precision::F32 | Precision::F16 | Precision::Bf16 => {
+                DotKind::F32Avx2
+            }
         }
     }
 
@@ -247,7 +253,7 @@ pub fn markdown_table(rows: &[DecodeRow], gbps: f64) -> String {
 /// row's linear multiply-accumulates as a fraction of its precision's peak.
 #[cfg(target_arch = "x86_64")]
 pub fn peak_table(rows: &[DecodeRow], threads: usize) -> String {
-    let kinds = [DotKind::Int8, DotKind::Bf16, DotKind::F32];
+    let kinds = [DotKind::Int8, DotKind::Bf16, DotKind::F32, DotKind::F32Avx2];
     let peaks: Vec<(DotKind, Option<f64>)> =
         kinds.iter().map(|&k| (k, dot_peak(k, threads))).collect();
     let peak_of = |k: DotKind| peaks.iter().find(|(p, _)| *p == k).and_then(|(_, v)| *v);
@@ -289,8 +295,8 @@ pub fn streaming_matmul_for_bench(
 }
 
 /// A linear layer on the packed CPU kernels (`linear/packed.rs`), exposed for
-/// `examples/packed_ab.rs` (not a stable API). `None` where the CPU lacks AVX-512 VNNI or
-/// the packed kernels have no form for this precision and shape.
+/// `examples/packed_ab.rs` (not a stable API). `None` where the CPU has neither AVX-512 VNNI
+/// nor AVX2 and FMA, or the packed kernels have no form for this precision and shape there.
 #[doc(hidden)]
 #[cfg(target_arch = "x86_64")]
 pub fn packed_linear_for_bench(
@@ -299,11 +305,11 @@ pub fn packed_linear_for_bench(
 ) -> crate::Result<Option<impl Fn(&candle_core::Tensor) -> crate::Result<candle_core::Tensor>>> {
     use crate::linear::packed::{PackedKind, PackedLinear};
     use crate::linear::Activation;
-    let Some(cpu) = crate::cpu::Avx512::detect() else {
+    let Some(cpu) = crate::cpu::Isa::detect() else {
         return Ok(None);
     };
     let act = precision.activation_dtype(candle_core::DType::F32);
-    let Some(kind) = PackedKind::choose(precision, act, weight.dim(1)?) else {
+    let Some(kind) = PackedKind::choose(precision, act, weight.dim(1)?, cpu) else {
         return Ok(None);
     };
     let lin = PackedLinear::new(cpu, weight, None, kind)?;

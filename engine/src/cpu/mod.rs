@@ -1,5 +1,6 @@
-//! What the CPU kernels share, and nothing else: the proof that this CPU has the AVX-512
-//! features the kernels are compiled for ([`Avx512`]), the lane width, the element types that
+//! What the CPU kernels share, and nothing else: the proofs that this CPU has the AVX-512 or
+//! AVX2 features the kernels are compiled for ([`Avx512`], [`Avx2`], and [`Isa`], the best of
+//! them), the lane width, the element types that
 //! are stored narrow and computed in f32 ([`Elem`]), an output buffer that threads write in
 //! disjoint parts ([`SharedOut`]), and small vector helpers ([`vector`]).
 //!
@@ -14,6 +15,8 @@ use std::ptr::NonNull;
 use half::{bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod peak;
@@ -24,7 +27,8 @@ pub(crate) mod vector;
 pub(crate) const LANES: usize = 16;
 
 /// Proof that the CPU runs gptj's AVX-512 kernels: it has AVX-512 F, BW, VL and VNNI, F16C
-/// and FMA, and `GPTJ_CPU_KERNELS=candle` did not turn the kernels off.
+/// and FMA, and `GPTJ_CPU_KERNELS` did not turn the kernels off (`candle`) or ask for the
+/// AVX2 ones (`avx2`).
 ///
 /// Zero-sized, with a private field: [`Avx512::detect`] is the only way to get one, so a value
 /// in hand is the proof. Every packed constructor and every kernel dispatch takes one, which is
@@ -41,7 +45,8 @@ impl Avx512 {
     /// The token where the CPU has the features (checked once per process), else `None`.
     pub(crate) fn detect() -> Option<Self> {
         static DETECTED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-            let forced_off = std::env::var("GPTJ_CPU_KERNELS").is_ok_and(|v| v == "candle");
+            let forced_off =
+                std::env::var("GPTJ_CPU_KERNELS").is_ok_and(|v| v == "candle" || v == "avx2");
             !forced_off
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
@@ -51,6 +56,68 @@ impl Avx512 {
                 && is_x86_feature_detected!("fma")
         });
         DETECTED.then_some(Self { _detected: () })
+    }
+}
+
+/// Proof that the CPU runs gptj's AVX2 kernels (the float products of the packed layers): it
+/// has AVX2, FMA and F16C, and `GPTJ_CPU_KERNELS=candle` did not turn the kernels off. Made
+/// only by [`Avx2::detect`], as [`Avx512`] is.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2 {
+    _detected: (),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// The token where the CPU has the features (checked once per process), else `None`.
+    pub(crate) fn detect() -> Option<Self> {
+        static DETECTED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+            let forced_off = std::env::var("GPTJ_CPU_KERNELS").is_ok_and(|v| v == "candle");
+            !forced_off
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("fma")
+        });
+        DETECTED.then_some(Self { _detected: () })
+    }
+}
+
+/// The instruction set gptj's own CPU kernels run on, with the token that proves it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Isa {
+    /// Every packed kernel (float, bf16 pairs, q8_0) and the AVX-512 attention.
+    Avx512(Avx512),
+    /// The float products (f32, f16 and bf16 weights, f32 arithmetic); q8_0 and attention
+    /// stay on candle's and the portable kernels.
+    Avx2(Avx2),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Isa {
+    /// The best this CPU has, `None` where it has neither (or `GPTJ_CPU_KERNELS=candle`).
+    pub(crate) fn detect() -> Option<Self> {
+        Avx512::detect()
+            .map(Self::Avx512)
+            .or_else(|| Avx2::detect().map(Self::Avx2))
+    }
+
+    /// Every one this CPU has, best first (the kernel tests run each).
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Self> {
+        let mut all = Vec::new();
+        all.extend(Avx512::detect().map(Self::Avx512));
+        all.extend(Avx2::detect().map(Self::Avx2));
+        all
+    }
+
+    /// The AVX-512 token, where that is the instruction set.
+    pub(crate) fn avx512(self) -> Option<Avx512> {
+        match self {
+            Self::Avx512(cpu) => Some(cpu),
+            Self::Avx2(_) => None,
+        }
     }
 }
 
@@ -97,6 +164,14 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// `#[target_feature]` function reached through an [`Avx512`] token).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// 8 values from `p`, widened to f32 lanes.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable values; the CPU has AVX2 and F16C (the caller is a
+    /// `#[target_feature]` function reached through an [`Avx2`] or [`Avx512`] token).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl Elem for f32 {
@@ -117,6 +192,13 @@ impl Elem for f32 {
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         // SAFETY: forwarded from the caller (16 readable values, AVX-512F).
         unsafe { avx512::load16_f32(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: forwarded from the caller (8 readable values, AVX).
+        unsafe { avx2::load8_f32(p) }
     }
 }
 
@@ -142,6 +224,13 @@ impl Elem for f16 {
         // SAFETY: forwarded from the caller (16 readable values, AVX-512F and F16C).
         unsafe { avx512::load16_f16(p) }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: forwarded from the caller (8 readable values, AVX and F16C).
+        unsafe { avx2::load8_f16(p) }
+    }
 }
 
 impl Elem for bf16 {
@@ -160,6 +249,13 @@ impl Elem for bf16 {
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         // SAFETY: forwarded from the caller (16 readable values, AVX-512F and BW).
         unsafe { avx512::load16_bf16(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: forwarded from the caller (8 readable values, AVX2).
+        unsafe { avx2::load8_bf16(p) }
     }
 }
 

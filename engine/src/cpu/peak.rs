@@ -11,6 +11,7 @@
 //! | `vpdpbusd` (AVX-512 VNNI, u8 x i8 -> i32) | 64 |
 //! | `vdpbf16ps` (AVX-512 BF16, bf16 pairs -> f32) | 32 |
 //! | `vfmadd231ps` (f32) | 16 |
+//! | `vfmadd231ps` on 256-bit registers (f32, AVX2 CPUs) | 8 |
 
 use std::arch::x86_64::*;
 use std::time::Instant;
@@ -26,6 +27,9 @@ pub enum DotKind {
     Bf16,
     /// `vfmadd231ps`: the f32 and f16 kernels'.
     F32,
+    /// `vfmadd231ps` on 256-bit registers: the AVX2 float kernel's (f32, f16 and bf16
+    /// weights), on CPUs without AVX-512.
+    F32Avx2,
 }
 
 impl DotKind {
@@ -35,16 +39,20 @@ impl DotKind {
             Self::Int8 => 64,
             Self::Bf16 => 32,
             Self::F32 => 16,
+            Self::F32Avx2 => 8,
         }
     }
 
     /// Whether this CPU has the instruction.
     pub fn available(self) -> bool {
+        if self == Self::F32Avx2 {
+            return is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma");
+        }
         let base = is_x86_feature_detected!("avx512f");
         base && match self {
             Self::Int8 => is_x86_feature_detected!("avx512vnni"),
             Self::Bf16 => is_x86_feature_detected!("avx512bf16"),
-            Self::F32 => is_x86_feature_detected!("fma"),
+            Self::F32 | Self::F32Avx2 => is_x86_feature_detected!("fma"),
         }
     }
 
@@ -54,6 +62,7 @@ impl DotKind {
             Self::Int8 => "int8 (vpdpbusd)",
             Self::Bf16 => "bf16 (vdpbf16ps)",
             Self::F32 => "f32 (vfmadd231ps)",
+            Self::F32Avx2 => "f32 (vfmadd231ps, 256-bit)",
         }
     }
 }
@@ -97,6 +106,7 @@ unsafe fn run(kind: DotKind, iters: u64) -> f32 {
             DotKind::Int8 => int8_chains(iters),
             DotKind::Bf16 => bf16_chains(iters),
             DotKind::F32 => f32_chains(iters),
+            DotKind::F32Avx2 => f32x8_chains(iters),
         }
     }
 }
@@ -161,11 +171,31 @@ fn f32_chains(iters: u64) -> f32 {
     )
 }
 
+#[target_feature(enable = "avx,fma")]
+fn f32x8_chains(iters: u64) -> f32 {
+    let a = _mm256_set1_ps(f32::from_bits(operand(0x3F80_0000) as u32));
+    let b = _mm256_set1_ps(f32::from_bits(operand(0x3580_0000) as u32));
+    let reduce = |s: __m256| {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 f32; the function has AVX.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
+        lanes.iter().sum::<f32>()
+    };
+    chains!(
+        iters,
+        _mm256_setzero_ps(),
+        |c| _mm256_fmadd_ps(a, b, c),
+        _mm256_add_ps,
+        reduce
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Each loop does the work its count claims: 16 chains of 16 lanes, each instruction
+    /// Each loop does the work its count claims: 16 chains of 16 lanes (8 for 256-bit
+    /// registers), each instruction
     /// adding `macs_per_instruction / 16` products per lane (int8: 1 x (4 + 3 + 2 + 1); bf16:
     /// two products of 1 x 2^-20; f32: one).
     #[test]
@@ -175,6 +205,7 @@ mod tests {
             (DotKind::Int8, lanes_and_chains * 10.0),
             (DotKind::Bf16, lanes_and_chains * 2.0 * 2f32.powi(-20)),
             (DotKind::F32, lanes_and_chains * 2f32.powi(-20)),
+            (DotKind::F32Avx2, lanes_and_chains / 2.0 * 2f32.powi(-20)),
         ];
         for (kind, per_iteration) in cases {
             if !kind.available() {

@@ -23,17 +23,22 @@
 //! its row falls into, so a row's result is bitwise the same alone or in any batch. Threads
 //! split the column groups, so at batch 1 each streams its own half of the weight.
 //!
-//! Used only where the CPU has AVX-512 (F, BW, VL, VNNI), F16C and FMA: a [`PackedLinear`]
-//! cannot be built without the [`Avx512`] token that proves it, and it keeps the token for
-//! every product it runs. Elsewhere `Linear` keeps candle's kernels; `GPTJ_CPU_KERNELS=candle`
-//! forces those too, for A/B comparisons.
+//! Every kind runs where the CPU has AVX-512 (F, BW, VL, VNNI), F16C and FMA (`avx512.rs`);
+//! the float kinds also where it has AVX2, F16C and FMA only (`avx2.rs`, the same panels read
+//! as two 256-bit halves). A [`PackedLinear`] cannot be built without the [`Isa`] token that
+//! proves its instruction set, and it keeps the token for every product it runs (q8_0 panels
+//! hold an [`Avx512`] one). Elsewhere `Linear` keeps candle's kernels;
+//! `GPTJ_CPU_KERNELS=candle` forces those too, and `GPTJ_CPU_KERNELS=avx2` the AVX2 kernels
+//! on an AVX-512 CPU, for A/B comparisons.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::activation::Activation;
+use super::avx2;
 use super::avx512::{self, QBLOCK};
-use crate::cpu::{Avx512, Bf16Dot, Elem, SharedOut, LANES};
+use super::tile::{FloatTile, Start};
+use crate::cpu::{Avx512, Bf16Dot, Elem, Isa, SharedOut, LANES};
 use crate::error::Result;
 use crate::precision::Precision;
 /// Input positions handled per pass over a tile of outputs, so that the weight panel slice
@@ -53,10 +58,12 @@ enum Panels {
     /// bf16 in pair panels `[group][k / 2][16][2]` for `vdpbf16ps`, on CPUs with AVX-512
     /// BF16 and an even `in_dim`: the token proves the instruction for every product.
     Bf16Pairs(Vec<bf16>, Bf16Dot),
-    /// Quants offset to `u8` and one scale per (column, block).
+    /// Quants offset to `u8` and one scale per (column, block); the kernels are AVX-512
+    /// VNNI's, and the token proves it for every product.
     Q8 {
         quants: Vec<u8>,
         scales: Vec<f16>,
+        cpu: Avx512,
     },
 }
 
@@ -70,7 +77,7 @@ pub(crate) struct PackedLinear {
     /// Padded to `groups * LANES`.
     bias: Option<Vec<f32>>,
     /// The proof that the kernels can run here, for every product.
-    cpu: Avx512,
+    cpu: Isa,
 }
 
 impl std::fmt::Debug for PackedLinear {
@@ -93,11 +100,24 @@ pub(crate) enum PackedKind {
 }
 
 impl PackedKind {
-    /// The packing for a layer of `in_dim` inputs under `precision` with activations `act`;
-    /// `None` where the packed kernels have none (q8_0 needs `in_dim` divisible by 32).
-    pub(crate) fn choose(precision: Precision, act: DType, in_dim: usize) -> Option<Self> {
+    /// Whether `isa` has kernels for this kind (q8_0's are AVX-512 VNNI's only).
+    pub(crate) fn runs_on(self, isa: Isa) -> bool {
+        self != Self::Q8_0 || isa.avx512().is_some()
+    }
+
+    /// The packing for a layer of `in_dim` inputs under `precision` with activations `act`
+    /// on `isa`; `None` where the packed kernels have none (q8_0 needs AVX-512 and `in_dim`
+    /// divisible by 32).
+    pub(crate) fn choose(
+        precision: Precision,
+        act: DType,
+        in_dim: usize,
+        isa: Isa,
+    ) -> Option<Self> {
         match (precision, act) {
-            (Precision::Q8_0, _) if in_dim.is_multiple_of(QBLOCK) => Some(Self::Q8_0),
+            (Precision::Q8_0, _) if in_dim.is_multiple_of(QBLOCK) && Self::Q8_0.runs_on(isa) => {
+                Some(Self::Q8_0)
+            }
             (Precision::Q8_0, _) => None,
             (_, DType::F32) => Some(Self::F32),
             (_, DType::F16) => Some(Self::F16),
@@ -111,7 +131,7 @@ impl PackedLinear {
     /// Packs `weight` (`(out, in)`, any float dtype, on the CPU) as `kind`. q8_0 needs `in` to
     /// be a multiple of 32.
     pub(crate) fn new(
-        cpu: Avx512,
+        cpu: Isa,
         weight: &Tensor,
         bias: Option<&Tensor>,
         kind: PackedKind,
@@ -131,20 +151,30 @@ impl PackedLinear {
         let panels = match kind {
             PackedKind::F32 => Panels::F32(pack_float(&w, out_dim, in_dim, |v| v)),
             PackedKind::F16 => Panels::F16(pack_float(&w, out_dim, in_dim, f16::from_f32)),
-            PackedKind::Bf16 => match cpu.bf16_dot() {
+            PackedKind::Bf16 => match cpu.avx512().and_then(Avx512::bf16_dot) {
                 Some(dot) if in_dim.is_multiple_of(2) => {
                     Panels::Bf16Pairs(pack_pairs(&w, out_dim, in_dim), dot)
                 }
                 _ => Panels::Bf16(pack_float(&w, out_dim, in_dim, bf16::from_f32)),
             },
             PackedKind::Q8_0 => {
+                let Some(avx512) = cpu.avx512() else {
+                    return Err(crate::EngineError::InvalidInput(
+                        "q8_0 packed panels need AVX-512 VNNI; this CPU's kernels are AVX2"
+                            .to_string(),
+                    ));
+                };
                 if in_dim % QBLOCK != 0 {
                     return Err(crate::EngineError::InvalidInput(format!(
                         "q8_0 needs an input dimension divisible by {QBLOCK}, got {in_dim}"
                     )));
                 }
                 let (quants, scales) = pack_q8(&w, out_dim, in_dim);
-                Panels::Q8 { quants, scales }
+                Panels::Q8 {
+                    quants,
+                    scales,
+                    cpu: avx512,
+                }
             }
         };
         let bias = bias
@@ -179,7 +209,7 @@ impl PackedLinear {
             Panels::F32(p) => p.len() * 4,
             Panels::F16(p) => p.len() * 2,
             Panels::Bf16(p) | Panels::Bf16Pairs(p, _) => p.len() * 2,
-            Panels::Q8 { quants, scales } => quants.len() + scales.len() * 2,
+            Panels::Q8 { quants, scales, .. } => quants.len() + scales.len() * 2,
         }
     }
 
@@ -193,8 +223,8 @@ impl PackedLinear {
     fn run(&self, x: &[f32], rows: usize, act: Activation) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.in_dim, "packed linear: input size");
         match &self.panels {
-            Panels::Q8 { .. } => self.run_input(
-                &Input::Q8(QuantizedRows::new(self.cpu, x, rows, self.in_dim)),
+            &Panels::Q8 { cpu, .. } => self.run_input(
+                &Input::Q8(QuantizedRows::new(cpu, x, rows, self.in_dim)),
                 rows,
                 act,
             ),
@@ -393,6 +423,9 @@ const FC: usize = 4;
 /// The same for the q8_0 kernel, which holds an integer and a float accumulator per output.
 const QR: usize = 4;
 const QC: usize = 3;
+/// Rows per tile in the AVX2 float kernel, whose tiles are one column group wide (two
+/// registers per row: 12 accumulators, two weights and a broadcast in 16 registers).
+const AR: usize = 6;
 
 impl Job<'_> {
     /// Computes column groups `g0..g1` for every row, then applies the activation to them.
@@ -406,9 +439,10 @@ impl Job<'_> {
             "column groups {g0}..{g1}"
         );
         let k = self.lin.in_dim;
-        let tile_c = match self.lin.panels {
-            Panels::Q8 { .. } => QC,
-            _ => FC,
+        let tile_c = match (matches!(self.lin.panels, Panels::Q8 { .. }), self.lin.cpu) {
+            (true, _) => QC,
+            (false, Isa::Avx512(_)) => FC,
+            (false, Isa::Avx2(_)) => 1,
         };
         let mut g = g0;
         while g < g1 {
@@ -427,7 +461,10 @@ impl Job<'_> {
                     // SAFETY: row `r`, groups `g..g + c` are this call's own part of `out`
                     // (see above), and the first pass over the inputs just wrote all of it.
                     let part = unsafe { self.out.slice(start..start + c * LANES) };
-                    avx512::gelu_new(self.lin.cpu, part);
+                    match self.lin.cpu {
+                        Isa::Avx512(cpu) => avx512::gelu_new(cpu, part),
+                        Isa::Avx2(cpu) => avx2::gelu_new(cpu, part),
+                    }
                 }
             }
             g += c;
@@ -435,13 +472,13 @@ impl Job<'_> {
     }
 
     /// Runs the kernels over every row, `nc` column groups from `g`, inputs `k0..k1` (a
-    /// multiple of `QBLOCK` apart for q8_0): tiles of up to `FR` (`QR`) rows, each on the
-    /// kernel instantiated for its shape.
+    /// multiple of `QBLOCK` apart for q8_0): tiles of up to `FR` (`QR`, `AR`) rows, each on
+    /// the kernel instantiated for its shape (on AVX2, one column group: `nc` is 1).
     ///
     /// The pointers come from one view of all the rows (`view`, `q8_view`), taken from slices
     /// indexed over the whole of it, so an out-of-range view panics there rather than reaching
     /// a kernel; each tile's are that view moved down to the tile's first row, inside it. The
-    /// CPU's features are proven by the layer's [`Avx512`] token.
+    /// CPU's features are proven by the layer's [`Isa`] token (and q8_0 panels' [`Avx512`]).
     ///
     /// # Safety
     /// No other thread reads or writes groups `g..g + nc` of `out` meanwhile.
@@ -465,9 +502,10 @@ impl Job<'_> {
                 }
             };
         }
-        /// Every row tile of `$view` (all rows) on `$kernel` (generics after the shape: `$t`).
+        /// Every row tile of `$view` (all rows) on `$m::$kernel` (generics after the shape:
+        /// `$t`).
         macro_rules! row_tiles {
-            ($kernel:ident, $view:expr, $max_r:expr; $rs:tt; $cs:tt $(, $t:ty)?) => {{
+            ($m:ident::$kernel:ident, $view:expr, $max_r:expr; $rs:tt; $cs:tt $(, $t:ty)?) => {{
                 let all = $view;
                 let mut r = 0;
                 while r < rows {
@@ -480,7 +518,7 @@ impl Job<'_> {
                             // `self.lin.cpu` proves the features (and for pair panels their
                             // `Bf16Dot` token proves BF16), and the output part is this
                             // thread's alone (the caller's promise).
-                            unsafe { avx512::$kernel::<$rr, $cc $(, $t)?>(view) }
+                            unsafe { $m::$kernel::<$rr, $cc $(, $t)?>(view) }
                         };
                     }
                     by_shape!(call; nr; $rs; $cs);
@@ -492,17 +530,24 @@ impl Job<'_> {
         /// shape: `$t`).
         macro_rules! float {
             ($kernel:ident, $x:expr, $p:expr $(, $t:ty)?) => {
-                row_tiles!($kernel, self.view($x, $p, g, nc, k0, k1), FR;
-                    [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4] $(, $t)?)
+                match self.lin.cpu {
+                    Isa::Avx512(_) => row_tiles!(avx512::$kernel, self.view($x, $p, g, nc, k0, k1),
+                        FR; [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4] $(, $t)?),
+                    Isa::Avx2(_) => row_tiles!(avx2::float_tile, self.view($x, $p, g, nc, k0, k1),
+                        AR; [1, 2, 3, 4, 5, 6]; [1] $(, $t)?),
+                }
             };
         }
         match (&self.lin.panels, self.input) {
             (Panels::F32(p), Input::F32(x)) => float!(float_tile, x, p, _),
             (Panels::F16(p), Input::F32(x)) => float!(float_tile, x, p, _),
             (Panels::Bf16(p), Input::F32(x)) => float!(float_tile, x, p, _),
-            (Panels::Bf16Pairs(p, _), Input::Bf16(x)) => float!(bf16_pair_tile, x, p),
+            (Panels::Bf16Pairs(p, _), Input::Bf16(x)) => {
+                row_tiles!(avx512::bf16_pair_tile, self.view(x, p, g, nc, k0, k1), FR;
+                    [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
+            }
             (Panels::Q8 { .. }, Input::Q8(_)) => {
-                row_tiles!(q8_tile, self.q8_view(g, nc, k0, k1), QR; [1, 2, 3, 4]; [1, 2, 3])
+                row_tiles!(avx512::q8_tile, self.q8_view(g, nc, k0, k1), QR; [1, 2, 3, 4]; [1, 2, 3])
             }
             _ => unreachable!("`run` builds the input its panels take"),
         }
@@ -528,10 +573,10 @@ impl Job<'_> {
         nc: usize,
         k0: usize,
         k1: usize,
-    ) -> avx512::FloatTile<X, W> {
+    ) -> FloatTile<X, W> {
         let k = self.lin.in_dim;
         let last_r = self.rows - 1;
-        avx512::FloatTile {
+        FloatTile {
             x: x[k0..last_r * k + k1].as_ptr(),
             x_stride: k,
             w: panels[(g * k + k0) * LANES..((g + nc - 1) * k + k1) * LANES].as_ptr(),
@@ -545,7 +590,8 @@ impl Job<'_> {
 
     /// Pointers for the q8_0 tiles of every row, each taken from a slice that covers them all.
     fn q8_view(&self, g: usize, nc: usize, k0: usize, k1: usize) -> avx512::Q8Tile {
-        let (Input::Q8(x), Panels::Q8 { quants, scales }) = (self.input, &self.lin.panels) else {
+        let (Input::Q8(x), Panels::Q8 { quants, scales, .. }) = (self.input, &self.lin.panels)
+        else {
             unreachable!("q8 panels take quantized input")
         };
         let k = self.lin.in_dim;
@@ -571,11 +617,11 @@ impl Job<'_> {
 
     /// Where the accumulators start: the bias (or zero) on the first pass over the inputs,
     /// the partial sums already in `out` after that.
-    fn start(&self, g: usize, nc: usize, k0: usize) -> avx512::Start {
+    fn start(&self, g: usize, nc: usize, k0: usize) -> Start {
         match (k0, &self.lin.bias) {
-            (0, Some(b)) => avx512::Start::Bias(b[g * LANES..(g + nc) * LANES].as_ptr()),
-            (0, None) => avx512::Start::Zero,
-            _ => avx512::Start::Out,
+            (0, Some(b)) => Start::Bias(b[g * LANES..(g + nc) * LANES].as_ptr()),
+            (0, None) => Start::Zero,
+            _ => Start::Out,
         }
     }
 }
@@ -710,6 +756,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+        let cpu = Isa::Avx512(cpu);
         let pairs = PackedLinear::new(cpu, &w, Some(&b), PackedKind::Bf16).unwrap();
         assert!(matches!(pairs.panels, Panels::Bf16Pairs(..)));
         let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -752,10 +799,11 @@ mod tests {
 
     #[test]
     fn matches_candle_in_every_kind() {
-        let Some(cpu) = Avx512::detect() else {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+        let isas = Isa::available();
+        if isas.is_empty() {
+            eprintln!("skipped: neither AVX-512 VNNI nor AVX2 on this CPU");
             return;
-        };
+        }
         let dev = Device::Cpu;
         // Odd row counts, a ragged last column group, and inputs longer than one KC pass.
         for (m, k, n, bias) in [
@@ -776,49 +824,58 @@ mod tests {
                 (PackedKind::Bf16, DType::BF16, 2e-2),
                 (PackedKind::Q8_0, DType::F32, 3e-2),
             ] {
-                let lin = PackedLinear::new(cpu, &w, b, kind).unwrap();
-                let x = x.to_dtype(act).unwrap();
-                let got = values(&lin.forward(&x, Activation::Identity).unwrap());
-                assert_eq!(got.len(), m * n);
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |e, (g, r)| e.max((g - r).abs()));
-                assert!(
-                    err / scale < tol,
-                    "{m}x{k}x{n} {kind:?}: relative error {}",
-                    err / scale
-                );
+                for &cpu in isas.iter().filter(|isa| kind.runs_on(**isa)) {
+                    let lin = PackedLinear::new(cpu, &w, b, kind).unwrap();
+                    let x = x.to_dtype(act).unwrap();
+                    let got = values(&lin.forward(&x, Activation::Identity).unwrap());
+                    assert_eq!(got.len(), m * n);
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |e, (g, r)| e.max((g - r).abs()));
+                    assert!(
+                        err / scale < tol,
+                        "{m}x{k}x{n} {kind:?} on {cpu:?}: relative error {}",
+                        err / scale
+                    );
+                }
             }
         }
     }
 
     #[test]
     fn fused_gelu_matches_candle() {
-        let Some(cpu) = Avx512::detect() else {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+        let isas = Isa::available();
+        if isas.is_empty() {
+            eprintln!("skipped: neither AVX-512 VNNI nor AVX2 on this CPU");
             return;
-        };
+        }
         let dev = Device::Cpu;
         // Wide inputs reach the tails of gelu, where exp under- and overflows.
         let x = (Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap() * 4.0).unwrap();
         let w = Tensor::randn(0f32, 0.5, (40, 96), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
-        let lin = PackedLinear::new(cpu, &w, Some(&b), PackedKind::F32).unwrap();
-        let plain = lin.forward(&x, Activation::Identity).unwrap();
-        let want = values(&plain.gelu().unwrap());
-        let got = values(&lin.forward(&x, Activation::GeluNew).unwrap());
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "gelu {g} vs {w}");
+        for cpu in isas {
+            let lin = PackedLinear::new(cpu, &w, Some(&b), PackedKind::F32).unwrap();
+            let plain = lin.forward(&x, Activation::Identity).unwrap();
+            let want = values(&plain.gelu().unwrap());
+            let got = values(&lin.forward(&x, Activation::GeluNew).unwrap());
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "gelu on {cpu:?}: {g} vs {w}"
+                );
+            }
         }
     }
 
     #[test]
     fn a_row_is_bitwise_the_same_in_any_batch() {
-        let Some(cpu) = Avx512::detect() else {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+        let isas = Isa::available();
+        if isas.is_empty() {
+            eprintln!("skipped: neither AVX-512 VNNI nor AVX2 on this CPU");
             return;
-        };
+        }
         let dev = Device::Cpu;
         let (k, n) = (1024 + 128, 1000);
         let x = Tensor::randn(0f32, 1.0, (37, k), &dev).unwrap();
@@ -830,15 +887,21 @@ mod tests {
             PackedKind::Bf16,
             PackedKind::Q8_0,
         ] {
-            let lin = PackedLinear::new(cpu, &w, Some(&b), kind).unwrap();
-            let run = |x: &Tensor| values(&lin.forward(x, Activation::Identity).unwrap());
-            let all = run(&x);
-            for row in [0, 5, 36] {
-                let alone = run(&x.narrow(0, row, 1).unwrap());
-                assert_eq!(alone, all[row * n..(row + 1) * n], "{kind:?} row {row}");
+            for &cpu in isas.iter().filter(|isa| kind.runs_on(**isa)) {
+                let lin = PackedLinear::new(cpu, &w, Some(&b), kind).unwrap();
+                let run = |x: &Tensor| values(&lin.forward(x, Activation::Identity).unwrap());
+                let all = run(&x);
+                for row in [0, 5, 36] {
+                    let alone = run(&x.narrow(0, row, 1).unwrap());
+                    assert_eq!(
+                        alone,
+                        all[row * n..(row + 1) * n],
+                        "{kind:?} {cpu:?} row {row}"
+                    );
+                }
+                let pair = run(&x.narrow(0, 30, 7).unwrap());
+                assert_eq!(pair, all[30 * n..37 * n], "{kind:?} {cpu:?} rows 30..37");
             }
-            let pair = run(&x.narrow(0, 30, 7).unwrap());
-            assert_eq!(pair, all[30 * n..37 * n], "{kind:?} rows 30..37");
         }
     }
 }
