@@ -515,9 +515,11 @@ impl Job<'_> {
                         ($rr:literal, $cc:literal) => {
                             // SAFETY: the view covers rows `r..r + nr` (all rows from 0 were
                             // checked where it was made, and `r + nr <= rows`) of `nc` groups,
-                            // `self.lin.cpu` proves the features (and for pair panels their
-                            // `Bf16Dot` token proves BF16), and the output part is this
-                            // thread's alone (the caller's promise).
+                            // the features are proven (float panels: `self.lin.cpu`, matched
+                            // to the kernel's instruction set below; q8_0 panels: their own
+                            // `Avx512`; pair panels: their `Bf16Dot`, which only an `Avx512`
+                            // makes), and the output part is this thread's alone (the
+                            // caller's promise).
                             unsafe { $m::$kernel::<$rr, $cc $(, $t)?>(view) }
                         };
                     }
