@@ -73,19 +73,18 @@ impl DecodeRow {
         self.linear_macs as f64 / self.step.as_secs_f64()
     }
 
-    /// The instruction whose peak bounds this precision's products.
+    /// The instruction whose peak bounds this precision's products, on the instruction set
+    /// the layers run on (`Isa::detect`, as `Linear::new` picks it): with the AVX2 kernels
+    /// every float precision is bound by the 256-bit FMA, and q8_0 (candle's kernel there) by
+    /// no instruction the probe has ("-").
     #[cfg(target_arch = "x86_64")]
-    /// On CPUs without AVX-512, the float precisions run the AVX2 kernel (256-bit FMA), and
-    /// q8_0 candle's kernel, which has no peak here ("-").
     pub fn dot_kind(&self) -> DotKind {
-        let avx512 = DotKind::F32.available();
+        let avx2 = matches!(crate::cpu::Isa::detect(), Some(crate::cpu::Isa::Avx2(_)));
         match self.precision {
             Precision::Q8_0 => DotKind::Int8,
-            Precision::Bf16 if avx512 => DotKind::Bf16,
-            Precision::Native | Precision::F32 | Precision::F16 if avx512 => DotKind::F32,
-            Precision::Native | Precision::F32 | Precision::F16 | Precision::Bf16 => {
-                DotKind::F32Avx2
-            }
+            _ if avx2 => DotKind::F32Avx2,
+            Precision::Bf16 => DotKind::Bf16,
+            Precision::Native | Precision::F32 | Precision::F16 => DotKind::F32,
         }
     }
 

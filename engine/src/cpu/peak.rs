@@ -45,14 +45,12 @@ impl DotKind {
 
     /// Whether this CPU has the instruction.
     pub fn available(self) -> bool {
-        if self == Self::F32Avx2 {
-            return is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma");
-        }
-        let base = is_x86_feature_detected!("avx512f");
-        base && match self {
-            Self::Int8 => is_x86_feature_detected!("avx512vnni"),
-            Self::Bf16 => is_x86_feature_detected!("avx512bf16"),
-            Self::F32 | Self::F32Avx2 => is_x86_feature_detected!("fma"),
+        let avx512 = || is_x86_feature_detected!("avx512f");
+        match self {
+            Self::Int8 => avx512() && is_x86_feature_detected!("avx512vnni"),
+            Self::Bf16 => avx512() && is_x86_feature_detected!("avx512bf16"),
+            Self::F32 => avx512() && is_x86_feature_detected!("fma"),
+            Self::F32Avx2 => is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma"),
         }
     }
 
@@ -195,8 +193,7 @@ mod tests {
     use super::*;
 
     /// Each loop does the work its count claims: 16 chains of 16 lanes (8 for 256-bit
-    /// registers), each instruction
-    /// adding `macs_per_instruction / 16` products per lane (int8: 1 x (4 + 3 + 2 + 1); bf16:
+    /// registers), each instruction adding `macs_per_instruction / lanes` products per lane (int8: 1 x (4 + 3 + 2 + 1); bf16:
     /// two products of 1 x 2^-20; f32: one).
     #[test]
     fn the_loops_do_the_multiply_accumulates_they_count() {

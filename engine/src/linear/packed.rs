@@ -236,6 +236,16 @@ impl PackedLinear {
         }
     }
 
+    /// Column groups per tile on this layer's kernel: the unit `Job::columns` walks in, and
+    /// so the unit the threads' chunks are rounded to.
+    fn tile_groups(&self) -> usize {
+        match (&self.panels, self.cpu) {
+            (Panels::Q8 { .. }, _) => QC,
+            (_, Isa::Avx512(_)) => FC,
+            (_, Isa::Avx2(_)) => 1,
+        }
+    }
+
     /// The product on `input`, whose rows are `in_dim` long; the result `rows * out_dim`.
     fn run_input(&self, input: &Input<'_>, rows: usize, act: Activation) -> Vec<f32> {
         let stride = self.groups * LANES;
@@ -261,11 +271,10 @@ impl PackedLinear {
             // SAFETY: one call, on this thread alone.
             unsafe { job.columns(0, self.groups) };
         } else {
-            let tile = match self.panels {
-                Panels::Q8 { .. } => QC,
-                _ => FC,
-            };
-            let chunk = self.groups.div_ceil(parts * 8).next_multiple_of(tile);
+            let chunk = self
+                .groups
+                .div_ceil(parts * 8)
+                .next_multiple_of(self.tile_groups());
             pool.execute_chunked(self.groups.div_ceil(chunk), |range| {
                 let g0 = range.start * chunk;
                 // SAFETY: the pool hands each index of `0..n_items` to exactly one call (a
@@ -439,11 +448,7 @@ impl Job<'_> {
             "column groups {g0}..{g1}"
         );
         let k = self.lin.in_dim;
-        let tile_c = match (matches!(self.lin.panels, Panels::Q8 { .. }), self.lin.cpu) {
-            (true, _) => QC,
-            (false, Isa::Avx512(_)) => FC,
-            (false, Isa::Avx2(_)) => 1,
-        };
+        let tile_c = self.lin.tile_groups();
         let mut g = g0;
         while g < g1 {
             let c = tile_c.min(g1 - g);
