@@ -308,7 +308,7 @@ pub fn packed_linear_for_bench(
         return Ok(None);
     };
     let act = precision.activation_dtype(candle_core::DType::F32);
-    let Some(kind) = PackedKind::choose(precision, act, weight.dim(1)?, cpu) else {
+    let Some(kind) = PackedKind::choose(precision, act, weight.dim(1)?) else {
         return Ok(None);
     };
     let lin = PackedLinear::new(cpu, weight, None, kind)?;

@@ -11,28 +11,11 @@
 
 use std::arch::x86_64::*;
 
-use half::{bf16, f16};
+use half::bf16;
 
-use super::tile::{FloatTile, Start};
+use super::tile::{check_q8_buffers, FloatTile, Q8Tile, Start, QBLOCK};
 use crate::cpu::avx512::{as_bf16x32, exp16};
 use crate::cpu::{Avx512, Elem, LANES};
-
-/// q8_0 block length (ggml's): the unit of quantization of weights and inputs.
-pub(crate) const QBLOCK: usize = 32;
-
-impl Q8Tile {
-    /// The same tile moved down `r` rows (quants, scales, offsets and outputs), as
-    /// [`FloatTile::down_rows`].
-    pub(crate) fn down_rows(self, r: usize) -> Self {
-        Self {
-            xq: self.xq.wrapping_add(r * self.x_stride),
-            x_scales: self.x_scales.wrapping_add(r * self.x_block_stride),
-            x_offsets: self.x_offsets.wrapping_add(r * self.x_block_stride),
-            out: self.out.wrapping_add(r * self.out_stride),
-            ..self
-        }
-    }
-}
 
 /// # Safety
 /// The CPU has AVX-512F; `start` and `out` cover `R` rows of `C * 16` values.
@@ -178,14 +161,7 @@ pub(crate) fn quantize_blocks(
     scales: &mut [f32],
     offsets: &mut [i32],
 ) {
-    let blocks = x.len() / QBLOCK;
-    assert!(
-        x.len().is_multiple_of(QBLOCK)
-            && quants.len() == x.len()
-            && scales.len() == blocks
-            && offsets.len() == blocks,
-        "q8_0 quantization buffers do not match the input"
-    );
+    check_q8_buffers(x, quants, scales, offsets);
     // SAFETY: `_cpu` proves the CPU has the function's target features.
     unsafe { quantize_blocks_avx512(x, quants, scales, offsets) }
 }
@@ -216,25 +192,6 @@ fn quantize_blocks_avx512(x: &[f32], quants: &mut [i8], scales: &mut [f32], offs
             *o_out = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
         }
     }
-}
-
-/// Pointers for one q8_0 tile (see `q8_tile`).
-#[derive(Clone, Copy)]
-pub(crate) struct Q8Tile {
-    pub xq: *const i8,
-    pub x_scales: *const f32,
-    pub x_offsets: *const i32,
-    /// Between rows, in quants and in blocks.
-    pub x_stride: usize,
-    pub x_block_stride: usize,
-    pub wq: *const u8,
-    pub w_scales: *const f16,
-    /// Blocks in one column group's panel.
-    pub w_group_blocks: usize,
-    pub blocks: usize,
-    pub out: *mut f32,
-    pub out_stride: usize,
-    pub bias: Start,
 }
 
 /// `R` rows times `C * 16` columns of q8_0 over `blocks` blocks: per block, exact integer

@@ -5,7 +5,7 @@
 //! | where | precision | kernel |
 //! | --- | --- | --- |
 //! | CPU with AVX-512 VNNI | all | `packed`: weights repacked into 16-column panels, own AVX-512 kernels, activation fused |
-//! | CPU with AVX2 and FMA | f32, f16, bf16 | `packed`, its AVX2 float kernel (the same panels) |
+//! | CPU with AVX2, FMA and F16C | all | `packed`, its AVX2 kernels (the same panels) |
 //! | other CPUs | q8_0 | candle's `QMatMul` |
 //! | other CPUs | bf16 | `streaming`: gptj's AVX2 streaming product (candle 0.11 has no bf16 gemm on CPU) |
 //! | other CPUs | f32, f16 | candle's gemm, the weight laid out as measured fastest and batch-invariant |
@@ -150,7 +150,7 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if device.is_cpu() {
             if let Some(cpu) = crate::cpu::Isa::detect() {
-                if let Some(kind) = packed::PackedKind::choose(precision, act, in_dim, cpu) {
+                if let Some(kind) = packed::PackedKind::choose(precision, act, in_dim) {
                     let lin = packed::PackedLinear::new(cpu, &weight, bias.as_ref(), kind)?;
                     return Ok(Self::Packed(lin));
                 }

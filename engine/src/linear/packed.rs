@@ -36,8 +36,8 @@ use half::{bf16, f16};
 
 use super::activation::Activation;
 use super::avx2;
-use super::avx512::{self, QBLOCK};
-use super::tile::{FloatTile, Start};
+use super::avx512;
+use super::tile::{FloatTile, Q8Tile, Start, QBLOCK};
 use crate::cpu::{Avx512, Bf16Dot, Elem, Isa, SharedOut, LANES};
 use crate::error::Result;
 use crate::precision::Precision;
@@ -58,12 +58,10 @@ enum Panels {
     /// bf16 in pair panels `[group][k / 2][16][2]` for `vdpbf16ps`, on CPUs with AVX-512
     /// BF16 and an even `in_dim`: the token proves the instruction for every product.
     Bf16Pairs(Vec<bf16>, Bf16Dot),
-    /// Quants offset to `u8` and one scale per (column, block); the kernels are AVX-512
-    /// VNNI's, and the token proves it for every product.
+    /// Quants offset to `u8` and one scale per (column, block).
     Q8 {
         quants: Vec<u8>,
         scales: Vec<f16>,
-        cpu: Avx512,
     },
 }
 
@@ -100,24 +98,11 @@ pub(crate) enum PackedKind {
 }
 
 impl PackedKind {
-    /// Whether `isa` has kernels for this kind (q8_0's are AVX-512 VNNI's only).
-    pub(crate) fn runs_on(self, isa: Isa) -> bool {
-        self != Self::Q8_0 || isa.avx512().is_some()
-    }
-
-    /// The packing for a layer of `in_dim` inputs under `precision` with activations `act`
-    /// on `isa`; `None` where the packed kernels have none (q8_0 needs AVX-512 and `in_dim`
-    /// divisible by 32).
-    pub(crate) fn choose(
-        precision: Precision,
-        act: DType,
-        in_dim: usize,
-        isa: Isa,
-    ) -> Option<Self> {
+    /// The packing for a layer of `in_dim` inputs under `precision` with activations `act`;
+    /// `None` where the packed kernels have none (q8_0 needs `in_dim` divisible by 32).
+    pub(crate) fn choose(precision: Precision, act: DType, in_dim: usize) -> Option<Self> {
         match (precision, act) {
-            (Precision::Q8_0, _) if in_dim.is_multiple_of(QBLOCK) && Self::Q8_0.runs_on(isa) => {
-                Some(Self::Q8_0)
-            }
+            (Precision::Q8_0, _) if in_dim.is_multiple_of(QBLOCK) => Some(Self::Q8_0),
             (Precision::Q8_0, _) => None,
             (_, DType::F32) => Some(Self::F32),
             (_, DType::F16) => Some(Self::F16),
@@ -158,23 +143,13 @@ impl PackedLinear {
                 _ => Panels::Bf16(pack_float(&w, out_dim, in_dim, bf16::from_f32)),
             },
             PackedKind::Q8_0 => {
-                let Some(avx512) = cpu.avx512() else {
-                    return Err(crate::EngineError::InvalidInput(
-                        "q8_0 packed panels need AVX-512 VNNI; this CPU's kernels are AVX2"
-                            .to_string(),
-                    ));
-                };
                 if in_dim % QBLOCK != 0 {
                     return Err(crate::EngineError::InvalidInput(format!(
                         "q8_0 needs an input dimension divisible by {QBLOCK}, got {in_dim}"
                     )));
                 }
                 let (quants, scales) = pack_q8(&w, out_dim, in_dim);
-                Panels::Q8 {
-                    quants,
-                    scales,
-                    cpu: avx512,
-                }
+                Panels::Q8 { quants, scales }
             }
         };
         let bias = bias
@@ -223,8 +198,8 @@ impl PackedLinear {
     fn run(&self, x: &[f32], rows: usize, act: Activation) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.in_dim, "packed linear: input size");
         match &self.panels {
-            &Panels::Q8 { cpu, .. } => self.run_input(
-                &Input::Q8(QuantizedRows::new(cpu, x, rows, self.in_dim)),
+            Panels::Q8 { .. } => self.run_input(
+                &Input::Q8(QuantizedRows::new(self.cpu, x, rows, self.in_dim)),
                 rows,
                 act,
             ),
@@ -240,7 +215,7 @@ impl PackedLinear {
     /// so the unit the threads' chunks are rounded to.
     fn tile_groups(&self) -> usize {
         match (&self.panels, self.cpu) {
-            (Panels::Q8 { .. }, _) => QC,
+            (Panels::Q8 { .. }, Isa::Avx512(_)) => QC,
             (_, Isa::Avx512(_)) => FC,
             (_, Isa::Avx2(_)) => 1,
         }
@@ -389,19 +364,23 @@ struct QuantizedRows {
     quants: Vec<i8>,
     /// Per (row, block): the scale.
     scales: Vec<f32>,
-    /// Per (row, block): `-128 * sum(quants)`, the start of the block's integer sum.
+    /// Per (row, block): `-128 * sum(quants)`, the start of the AVX-512 kernel's integer sum.
     offsets: Vec<i32>,
 }
 
 impl QuantizedRows {
-    fn new(cpu: Avx512, x: &[f32], rows: usize, in_dim: usize) -> Self {
+    fn new(cpu: Isa, x: &[f32], rows: usize, in_dim: usize) -> Self {
         let blocks = in_dim / QBLOCK;
         let mut q = Self {
             quants: vec![0i8; rows * in_dim],
             scales: vec![0f32; rows * blocks],
             offsets: vec![0i32; rows * blocks],
         };
-        avx512::quantize_blocks(cpu, x, &mut q.quants, &mut q.scales, &mut q.offsets);
+        let (quants, scales, offsets) = (&mut q.quants, &mut q.scales, &mut q.offsets);
+        match cpu {
+            Isa::Avx512(cpu) => avx512::quantize_blocks(cpu, x, quants, scales, offsets),
+            Isa::Avx2(cpu) => avx2::quantize_blocks(cpu, x, quants, scales, offsets),
+        }
         q
     }
 }
@@ -435,6 +414,9 @@ const QC: usize = 3;
 /// Rows per tile in the AVX2 float kernel, whose tiles are one column group wide (two
 /// registers per row: 12 accumulators, two weights and a broadcast in 16 registers).
 const AR: usize = 6;
+/// The same for the AVX2 q8_0 kernel: 8 integer sums, the signed weights and their
+/// magnitudes, a broadcast and the constant of ones (its float sums stay in `out`).
+const AQR: usize = 4;
 
 impl Job<'_> {
     /// Computes column groups `g0..g1` for every row, then applies the activation to them.
@@ -477,13 +459,13 @@ impl Job<'_> {
     }
 
     /// Runs the kernels over every row, `nc` column groups from `g`, inputs `k0..k1` (a
-    /// multiple of `QBLOCK` apart for q8_0): tiles of up to `FR` (`QR`, `AR`) rows, each on
+    /// multiple of `QBLOCK` apart for q8_0): tiles of up to `FR` (`QR`, `AR`, `AQR`) rows, each on
     /// the kernel instantiated for its shape (on AVX2, one column group: `nc` is 1).
     ///
     /// The pointers come from one view of all the rows (`view`, `q8_view`), taken from slices
     /// indexed over the whole of it, so an out-of-range view panics there rather than reaching
     /// a kernel; each tile's are that view moved down to the tile's first row, inside it. The
-    /// CPU's features are proven by the layer's [`Isa`] token (and q8_0 panels' [`Avx512`]).
+    /// CPU's features are proven by the layer's [`Isa`] token.
     ///
     /// # Safety
     /// No other thread reads or writes groups `g..g + nc` of `out` meanwhile.
@@ -520,11 +502,10 @@ impl Job<'_> {
                         ($rr:literal, $cc:literal) => {
                             // SAFETY: the view covers rows `r..r + nr` (all rows from 0 were
                             // checked where it was made, and `r + nr <= rows`) of `nc` groups,
-                            // the features are proven (float panels: `self.lin.cpu`, matched
-                            // to the kernel's instruction set below; q8_0 panels: their own
-                            // `Avx512`; pair panels: their `Bf16Dot`, which only an `Avx512`
-                            // makes), and the output part is this thread's alone (the
-                            // caller's promise).
+                            // the features are proven (float and q8_0 panels: `self.lin.cpu`,
+                            // matched to the kernel's instruction set below; pair panels: their
+                            // `Bf16Dot`, which only an `Avx512` makes), and the output part is
+                            // this thread's alone (the caller's promise).
                             unsafe { $m::$kernel::<$rr, $cc $(, $t)?>(view) }
                         };
                     }
@@ -553,9 +534,12 @@ impl Job<'_> {
                 row_tiles!(avx512::bf16_pair_tile, self.view(x, p, g, nc, k0, k1), FR;
                     [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
             }
-            (Panels::Q8 { .. }, Input::Q8(_)) => {
-                row_tiles!(avx512::q8_tile, self.q8_view(g, nc, k0, k1), QR; [1, 2, 3, 4]; [1, 2, 3])
-            }
+            (Panels::Q8 { .. }, Input::Q8(_)) => match self.lin.cpu {
+                Isa::Avx512(_) => row_tiles!(avx512::q8_tile, self.q8_view(g, nc, k0, k1), QR;
+                    [1, 2, 3, 4]; [1, 2, 3]),
+                Isa::Avx2(_) => row_tiles!(avx2::q8_tile, self.q8_view(g, nc, k0, k1), AQR;
+                    [1, 2, 3, 4]; [1]),
+            },
             _ => unreachable!("`run` builds the input its panels take"),
         }
     }
@@ -596,7 +580,7 @@ impl Job<'_> {
     }
 
     /// Pointers for the q8_0 tiles of every row, each taken from a slice that covers them all.
-    fn q8_view(&self, g: usize, nc: usize, k0: usize, k1: usize) -> avx512::Q8Tile {
+    fn q8_view(&self, g: usize, nc: usize, k0: usize, k1: usize) -> Q8Tile {
         let (Input::Q8(x), Panels::Q8 { quants, scales, .. }) = (self.input, &self.lin.panels)
         else {
             unreachable!("q8 panels take quantized input")
@@ -605,7 +589,7 @@ impl Job<'_> {
         let blocks = k / QBLOCK;
         let (b0, b1) = (k0 / QBLOCK, k1 / QBLOCK);
         let (last_r, last_g) = (self.rows - 1, g + nc - 1);
-        avx512::Q8Tile {
+        Q8Tile {
             xq: x.quants[k0..last_r * k + k1].as_ptr(),
             x_scales: x.scales[b0..last_r * blocks + b1].as_ptr(),
             x_offsets: x.offsets[b0..last_r * blocks + b1].as_ptr(),
@@ -804,6 +788,82 @@ mod tests {
             .unwrap()
     }
 
+    /// Every instruction set's quantizer gives q8_0's definition, computed here in plain
+    /// Rust: scale `amax / 127`, quants `x / scale` rounded to nearest even, offsets
+    /// `-128 * sum(quants)`; an all-zero block has scale 0 and quants 0.
+    #[test]
+    fn input_rows_quantize_to_q8_0_on_every_instruction_set() {
+        let isas = Isa::available();
+        if isas.is_empty() {
+            eprintln!("skipped: neither AVX-512 VNNI nor AVX2 on this CPU");
+            return;
+        }
+        let (rows, in_dim) = (3, 4 * QBLOCK);
+        let mut x: Vec<f32> = (0..rows * in_dim)
+            .map(|i| ((i * 7919 % 1001) as f32 - 500.0) / 37.0)
+            .collect();
+        x[QBLOCK..2 * QBLOCK].fill(0.0);
+        // Exact ties (2.5 and -0.5 quantization steps) round to even.
+        x[2 * QBLOCK] = 127.0;
+        x[2 * QBLOCK + 1] = 2.5;
+        x[2 * QBLOCK + 2] = -0.5;
+        x[2 * QBLOCK + 3..3 * QBLOCK].fill(1.0);
+        for cpu in isas {
+            let q = QuantizedRows::new(cpu, &x, rows, in_dim);
+            for (b, block) in x.chunks_exact(QBLOCK).enumerate() {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let want: Vec<i8> = block
+                    .iter()
+                    .map(|v| (v * inv).round_ties_even() as i8)
+                    .collect();
+                let got = &q.quants[b * QBLOCK..(b + 1) * QBLOCK];
+                assert_eq!(got, want, "{cpu:?} block {b}");
+                assert_eq!(q.scales[b], d, "{cpu:?} block {b} scale");
+                let sum: i32 = want.iter().map(|&v| v as i32).sum();
+                assert_eq!(q.offsets[b], -128 * sum, "{cpu:?} block {b} offset");
+            }
+            assert_eq!(&q.quants[2 * QBLOCK..2 * QBLOCK + 3], &[127, 2, 0]);
+        }
+    }
+
+    /// The AVX-512 and AVX2 kernels compute the same bits for every kind they share (the
+    /// float products in the same fused order, q8_0 with the same exact block sums); skipped
+    /// where the CPU has one of them only.
+    #[test]
+    fn every_instruction_set_computes_the_same_bits() {
+        let isas = Isa::available();
+        if isas.len() < 2 {
+            eprintln!(
+                "skipped: this CPU has {} of AVX-512 VNNI and AVX2",
+                isas.len()
+            );
+            return;
+        }
+        let dev = Device::Cpu;
+        let (m, k, n) = (11, 1024 + 96, 70);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+        for kind in [PackedKind::F32, PackedKind::F16, PackedKind::Q8_0] {
+            let act = if kind == PackedKind::F16 {
+                DType::F16
+            } else {
+                DType::F32
+            };
+            let x = x.to_dtype(act).unwrap();
+            let runs: Vec<Vec<f32>> = isas
+                .iter()
+                .map(|&cpu| {
+                    let lin = PackedLinear::new(cpu, &w, Some(&b), kind).unwrap();
+                    values(&lin.forward(&x, Activation::Identity).unwrap())
+                })
+                .collect();
+            assert_eq!(runs[0], runs[1], "{kind:?}");
+        }
+    }
+
     #[test]
     fn matches_candle_in_every_kind() {
         let isas = Isa::available();
@@ -831,7 +891,7 @@ mod tests {
                 (PackedKind::Bf16, DType::BF16, 2e-2),
                 (PackedKind::Q8_0, DType::F32, 3e-2),
             ] {
-                for &cpu in isas.iter().filter(|isa| kind.runs_on(**isa)) {
+                for &cpu in &isas {
                     let lin = PackedLinear::new(cpu, &w, b, kind).unwrap();
                     let x = x.to_dtype(act).unwrap();
                     let got = values(&lin.forward(&x, Activation::Identity).unwrap());
@@ -894,7 +954,7 @@ mod tests {
             PackedKind::Bf16,
             PackedKind::Q8_0,
         ] {
-            for &cpu in isas.iter().filter(|isa| kind.runs_on(**isa)) {
+            for &cpu in &isas {
                 let lin = PackedLinear::new(cpu, &w, Some(&b), kind).unwrap();
                 let run = |x: &Tensor| values(&lin.forward(x, Activation::Identity).unwrap());
                 let all = run(&x);
