@@ -1,7 +1,7 @@
-//! Paged attention with AVX-512, on candle's thread pool: runs of heads of one token at a
-//! time, walking the cache slot by slot (each slot holds every head side by side) so reads are
-//! sequential, summing 16 query-key products across lanes at once with a transposing shuffle
-//! tree, softmax with the vector exp.
+//! Paged attention with AVX-512: the kernel for one run of heads of one token (`runs.rs`
+//! hands out the runs on candle's thread pool), walking the cache slot by slot (each slot
+//! holds every head side by side) so reads are sequential, summing 16 query-key products
+//! across lanes at once with a transposing shuffle tree, softmax with the vector exp.
 //!
 //! The kernel reads the cache through offsets without bounds checks. They stay inside it
 //! because the caller hands over a [`CacheShape`] from [`StepLayout::check_cache`] for the very
@@ -9,8 +9,9 @@
 
 use std::arch::x86_64::*;
 
+use super::runs::{self, AttendScratch, HeadsView, Kernel};
 use crate::cpu::avx512::exp16;
-use crate::cpu::{Avx512, Elem, SharedOut, LANES};
+use crate::cpu::{Avx512, Elem, LANES};
 use crate::paged::{CacheShape, StepLayout};
 
 /// Attention of every new token of `step` over its own sequence, `None` for head sizes the
@@ -28,8 +29,7 @@ pub(crate) fn attend<T: Elem, Q: Elem>(
     v: &[T],
     scale: f32,
 ) -> Option<Vec<Q>> {
-    let (heads, dim, width) = (shape.heads, shape.head_dim, shape.width());
-    let kernel: Kernel<T> = match dim {
+    let kernel: Kernel<T> = match shape.head_dim {
         16 => attend_heads::<1, T>,
         32 => attend_heads::<2, T>,
         64 => attend_heads::<4, T>,
@@ -37,84 +37,8 @@ pub(crate) fn attend<T: Elem, Q: Elem>(
         256 => attend_heads::<16, T>,
         _ => return None,
     };
-    let tokens = step.num_tokens();
-    assert!(
-        k.len() == shape.half_len() && v.len() == shape.half_len() && q.len() == tokens * width,
-        "paged attention: buffers do not match the checked cache shape"
-    );
-    let pool = candle_core::utils::barrier_pool();
-    // Work items are runs of heads of one token: all heads when there are tokens enough to
-    // keep every thread busy, fewer (more items) for small batches.
-    let runs = ((pool.n_workers() + 1) * 4)
-        .div_ceil(tokens.max(1))
-        .clamp(1, heads);
-    let per_run = heads.div_ceil(runs);
-    let runs = heads.div_ceil(per_run);
-    let mut out = vec![Q::narrow(0.0); tokens * width];
-    let shared = SharedOut::new(&mut out);
-    pool.execute_chunked(tokens * runs, |range| {
-        let mut scratch = AttendScratch::default();
-        let (mut qbuf, mut res) = (vec![0f32; per_run * dim], vec![0f32; per_run * dim]);
-        for i in range {
-            let (t, r) = (i / runs, i % runs);
-            let (h0, h1) = (r * per_run, ((r + 1) * per_run).min(heads));
-            let len = (h1 - h0) * dim;
-            let start = t * width + h0 * dim;
-            let qf = Q::as_f32(&q[start..start + len], &mut qbuf);
-            let at = HeadsView {
-                table: step.table_of(t),
-                block_size: shape.block_size,
-                width,
-                first: h0 * dim,
-                heads: h1 - h0,
-            };
-            let ctx = step.context_of(t);
-            // The kernel's bounds: `q` and `res` hold the run's heads; every slot of the
-            // table is below `shape.slots()` (block ids checked by `StepLayout::new`, the
-            // geometry by `check_cache`), so every offset plus the run is inside `k` and `v`
-            // (`first + heads * dim <= width`); the table covers `ctx` positions.
-            assert!(qf.len() == len && at.first + len <= width);
-            assert!(at.table.len() * at.block_size >= ctx);
-            // SAFETY: the bounds above, and `_cpu` proves the CPU features.
-            unsafe { kernel(qf, k, v, ctx, &at, scale, &mut scratch, &mut res[..len]) };
-            // SAFETY: item `i` is handed to exactly one call (the pool's cursor), and it owns
-            // `out[start..start + len]`: token `t`, heads `h0..h1`.
-            let dst = unsafe { shared.slice(start..start + len) };
-            Q::narrow_into(&res[..len], dst);
-        }
-    });
-    Some(out)
-}
-
-type Kernel<T> =
-    unsafe fn(&[f32], &[T], &[T], usize, &HeadsView<'_>, f32, &mut AttendScratch, &mut [f32]);
-
-/// Where a run of heads of one sequence lives in a paged cache half.
-struct HeadsView<'a> {
-    /// The sequence's block table.
-    table: &'a [u32],
-    block_size: usize,
-    /// Elements per cache slot: heads * head size.
-    width: usize,
-    /// The first head's first element within a slot.
-    first: usize,
-    /// Heads in the run.
-    heads: usize,
-}
-
-impl HeadsView<'_> {
-    /// Element offsets of positions `0..ctx`, walking the block table (no divisions).
-    fn offsets(&self, ctx: usize, into: &mut Vec<usize>) {
-        into.clear();
-        for &block in self.table {
-            let first = block as usize * self.block_size;
-            let take = self.block_size.min(ctx - into.len());
-            into.extend((first..first + take).map(|slot| slot * self.width + self.first));
-            if into.len() == ctx {
-                break;
-            }
-        }
-    }
+    // SAFETY: `_cpu` proves the CPU has the kernel's features.
+    Some(unsafe { runs::attend(kernel, step, shape, q, k, v, scale) })
 }
 
 /// Sums each of 16 vectors across its lanes, returning the 16 sums in order: a transposing
@@ -161,19 +85,6 @@ unsafe fn sum_lanes16(a: [__m512; 16]) -> __m512 {
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         _mm512_permutexvar_ps(order, e)
     }
-}
-
-/// Scratch space reused across calls of `attend_heads`.
-#[derive(Default)]
-struct AttendScratch {
-    /// Per head, the scores (then probabilities) of every position, padded to 16.
-    scores: Vec<f32>,
-    /// Per position, its offset in the cache.
-    offsets: Vec<usize>,
-    /// Per head and position in a group of 16, a query-key product before its lane sum.
-    parts: Vec<f32>,
-    /// Per head, the reciprocal of its softmax sum.
-    inv: Vec<f32>,
 }
 
 /// A run of query heads of one token against its context: per head, `out = softmax(scale *

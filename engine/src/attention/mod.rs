@@ -6,8 +6,8 @@
 //! implementation per backend:
 //!
 //! - `portable`: plain Rust over slices, for any CPU and head size (and under Miri);
-//! - `avx512`: the AVX-512 kernel, where an [`Avx512`](crate::cpu::Avx512) token says the CPU
-//!   has it (attention only; the write is a copy);
+//! - `avx512` and `avx2`: the vector kernels, where an [`Isa`](crate::cpu::Isa) token says
+//!   the CPU has them (attention only; the write is a copy), driven by `runs`;
 //! - `cuda`: launches of `kernels/paged.cu`, under `--features cuda`.
 //!
 //! Before any kernel runs, the cache tensor is checked against the step
@@ -19,14 +19,20 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Shape, Tensor};
 
 use crate::cpu::Elem;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::Isa;
 use crate::error::Result;
 use crate::paged::{CacheShape, StepLayout};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+mod runs;
 
 /// Writes a step's new keys and values (`(tokens, n_head, head_dim)` each, any float dtype)
 /// into their slots of one layer's `cache` (in place), rounded to the cache's dtype. On the
@@ -232,9 +238,16 @@ impl PagedAttention<'_> {
         let (q, cache) = (contiguous(q, q_l)?, contiguous(cache, cache_l)?);
         let (k_half, v_half) = cache.split_at(shape.half_len());
         #[cfg(target_arch = "x86_64")]
-        if let Some(cpu) = crate::cpu::Avx512::detect() {
-            if let Some(out) = avx512::attend(cpu, self.step, shape, q, k_half, v_half, self.scale)
-            {
+        {
+            let (step, scale) = (self.step, self.scale);
+            let out = match crate::cpu::Isa::detect() {
+                Some(Isa::Avx512(cpu)) => {
+                    avx512::attend(cpu, step, shape, q, k_half, v_half, scale)
+                }
+                Some(Isa::Avx2(cpu)) => avx2::attend(cpu, step, shape, q, k_half, v_half, scale),
+                None => None,
+            };
+            if let Some(out) = out {
                 return Ok(out);
             }
         }
@@ -398,8 +411,9 @@ mod tests {
     fn chunked_writes_and_scattered_blocks_match_plain_attention() {
         // A head size with no vector kernel (the portable path) ...
         check_against_plain(2, 8, 4, 11, 6, DType::F32);
-        // ... and GPT-J's (the AVX-512 path where the CPU has it): contexts that end inside a
-        // group of 16 positions and inside a block, odd and even.
+        // ... and GPT-J's (the vector kernel of the best instruction set the CPU has):
+        // contexts that end inside a group of positions (16 on AVX-512, 8 on AVX2) and
+        // inside a block, odd and even.
         check_against_plain(3, 64, 16, 53, 20, DType::F32);
         check_against_plain(2, 256, 8, 37, 17, DType::F32);
         check_against_plain(1, 32, 16, 16, 15, DType::F32);
@@ -482,6 +496,54 @@ mod tests {
 
     /// Issue 14: a cache that does not match the step is an error, not an out-of-bounds read,
     /// through the checked functions and through the op itself.
+    /// Every vector kernel the CPU has (not only the one `paged_attention` picks) against the
+    /// portable path: one sequence of 21 positions (inside a group of 8 and of 16) over a
+    /// scattered table, an f16 cache and f32 queries.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_vector_kernel_matches_the_portable_path() {
+        let (heads, dim, block_size, num_blocks, len) = (3, 64, 4, 8, 21);
+        let width = heads * dim;
+        let shape = CacheShape {
+            num_blocks,
+            block_size,
+            heads,
+            head_dim: dim,
+        };
+        let table: Vec<BlockId> = [5, 0, 7, 2, 6, 1].map(BlockId).to_vec();
+        let tokens = [0u32; 21];
+        let rows = [SeqChunk {
+            tokens: &tokens[..len],
+            start_pos: 0,
+            block_table: &table,
+            logits: LogitRows::Last,
+        }];
+        let step = StepLayout::new(&rows, block_size, num_blocks, 32).unwrap();
+        let (q, k, v) = (
+            values(len * width, 7),
+            values(len * width, 8),
+            values(len * width, 9),
+        );
+        let mut cache = vec![half::f16::ZERO; 2 * shape.half_len()];
+        portable::write_kv(&step, shape, &mut cache, &k, &v, portable::round_row);
+        let (kh, vh) = cache.split_at(shape.half_len());
+        let want = portable::attend(&step, shape, &q, kh, vh, 0.3);
+        let isas = Isa::available();
+        if isas.is_empty() {
+            eprintln!("skipped: no vector kernel on this CPU");
+        }
+        for isa in isas {
+            let got = match isa {
+                Isa::Avx512(cpu) => avx512::attend(cpu, &step, shape, &q, kh, vh, 0.3),
+                Isa::Avx2(cpu) => avx2::attend(cpu, &step, shape, &q, kh, vh, 0.3),
+            }
+            .expect("a kernel for head size 64");
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{isa:?}: {g} vs {w}");
+            }
+        }
+    }
+
     #[test]
     fn a_cache_that_does_not_match_the_step_is_an_error() {
         let dev = Device::Cpu;

@@ -1,0 +1,125 @@
+//! The CPU attention kernels' common driver: each new token's heads are cut into runs, the
+//! runs handed out on candle's thread pool, and each run computed by one instruction set's
+//! kernel (`avx512.rs`, `avx2.rs`) that reads the paged cache through a [`HeadsView`].
+//!
+//! How heads are grouped into runs depends on the batch (small batches get more, shorter
+//! runs, to keep every thread busy); the kernels compute each head the same way in any run,
+//! so the grouping never changes a result.
+
+use crate::cpu::{Elem, SharedOut};
+use crate::paged::{CacheShape, StepLayout};
+
+/// One run of heads of one token against its context: `(q, k, v, ctx, at, scale, scratch,
+/// out)`, `q` and `out` holding the run's heads in f32. The safety contract is each kernel's:
+/// its CPU features, and `at` covering `ctx` positions inside `k` and `v`.
+pub(super) type Kernel<T> =
+    unsafe fn(&[f32], &[T], &[T], usize, &HeadsView<'_>, f32, &mut AttendScratch, &mut [f32]);
+
+/// Attention of every new token of `step` over its own sequence on `kernel`: `q` is
+/// `(tokens, heads, head_dim)` in the activations' type `Q` (the output's too); `k` and `v`
+/// are the two halves of a cache whose geometry is `shape`, as returned by
+/// `step.check_cache` (panics if their lengths disagree with it), in the cache's type `T`.
+///
+/// # Safety
+/// The CPU has `kernel`'s target features (its caller holds the token that proves them).
+pub(super) unsafe fn attend<T: Elem, Q: Elem>(
+    kernel: Kernel<T>,
+    step: &StepLayout,
+    shape: CacheShape,
+    q: &[Q],
+    k: &[T],
+    v: &[T],
+    scale: f32,
+) -> Vec<Q> {
+    let (heads, dim, width) = (shape.heads, shape.head_dim, shape.width());
+    let tokens = step.num_tokens();
+    assert!(
+        k.len() == shape.half_len() && v.len() == shape.half_len() && q.len() == tokens * width,
+        "paged attention: buffers do not match the checked cache shape"
+    );
+    let pool = candle_core::utils::barrier_pool();
+    // Work items are runs of heads of one token: all heads when there are tokens enough to
+    // keep every thread busy, fewer (more items) for small batches.
+    let runs = ((pool.n_workers() + 1) * 4)
+        .div_ceil(tokens.max(1))
+        .clamp(1, heads);
+    let per_run = heads.div_ceil(runs);
+    let runs = heads.div_ceil(per_run);
+    let mut out = vec![Q::narrow(0.0); tokens * width];
+    let shared = SharedOut::new(&mut out);
+    pool.execute_chunked(tokens * runs, |range| {
+        let mut scratch = AttendScratch::default();
+        let (mut qbuf, mut res) = (vec![0f32; per_run * dim], vec![0f32; per_run * dim]);
+        for i in range {
+            let (t, r) = (i / runs, i % runs);
+            let (h0, h1) = (r * per_run, ((r + 1) * per_run).min(heads));
+            let len = (h1 - h0) * dim;
+            let start = t * width + h0 * dim;
+            let qf = Q::as_f32(&q[start..start + len], &mut qbuf);
+            let at = HeadsView {
+                table: step.table_of(t),
+                block_size: shape.block_size,
+                width,
+                first: h0 * dim,
+                heads: h1 - h0,
+            };
+            let ctx = step.context_of(t);
+            // The kernel's bounds: `q` and `res` hold the run's heads; every slot of the
+            // table is below `shape.slots()` (block ids checked by `StepLayout::new`, the
+            // geometry by `check_cache`), so every offset plus the run is inside `k` and `v`
+            // (`first + heads * dim <= width`); the table covers `ctx` positions.
+            assert!(qf.len() == len && at.first + len <= width);
+            assert!(at.table.len() * at.block_size >= ctx);
+            // SAFETY: the bounds above, and the CPU has the kernel's features (the caller's
+            // promise).
+            unsafe { kernel(qf, k, v, ctx, &at, scale, &mut scratch, &mut res[..len]) };
+            // SAFETY: item `i` is handed to exactly one call (the pool's cursor), and it owns
+            // `out[start..start + len]`: token `t`, heads `h0..h1`.
+            let dst = unsafe { shared.slice(start..start + len) };
+            Q::narrow_into(&res[..len], dst);
+        }
+    });
+    out
+}
+
+/// Where a run of heads of one sequence lives in a paged cache half.
+pub(super) struct HeadsView<'a> {
+    /// The sequence's block table.
+    pub table: &'a [u32],
+    pub block_size: usize,
+    /// Elements per cache slot: heads * head size.
+    pub width: usize,
+    /// The first head's first element within a slot.
+    pub first: usize,
+    /// Heads in the run.
+    pub heads: usize,
+}
+
+impl HeadsView<'_> {
+    /// Element offsets of positions `0..ctx`, walking the block table (no divisions).
+    pub(super) fn offsets(&self, ctx: usize, into: &mut Vec<usize>) {
+        into.clear();
+        for &block in self.table {
+            let first = block as usize * self.block_size;
+            let take = self.block_size.min(ctx - into.len());
+            into.extend((first..first + take).map(|slot| slot * self.width + self.first));
+            if into.len() == ctx {
+                break;
+            }
+        }
+    }
+}
+
+/// Scratch space reused across one thread's calls of a kernel.
+#[derive(Default)]
+pub(super) struct AttendScratch {
+    /// Per head, the scores (then probabilities) of every position, padded to the kernel's
+    /// group of positions (16 on AVX-512, 8 on AVX2).
+    pub scores: Vec<f32>,
+    /// Per position, its offset in the cache.
+    pub offsets: Vec<usize>,
+    /// Per head and position in a group, a query-key product before its lane sum.
+    pub parts: Vec<f32>,
+    /// Per head, the reciprocal of its softmax sum.
+    pub inv: Vec<f32>,
+}
