@@ -81,6 +81,7 @@ impl DecodeRow {
     pub fn dot_kind(&self) -> DotKind {
         let avx2 = matches!(crate::cpu::Isa::detect(), Some(crate::cpu::Isa::Avx2(_)));
         match self.precision {
+            Precision::Q8_0 if avx2 => DotKind::Int8Avx2,
             Precision::Q8_0 => DotKind::Int8,
             _ if avx2 => DotKind::F32Avx2,
             Precision::Bf16 => DotKind::Bf16,
@@ -252,7 +253,13 @@ pub fn markdown_table(rows: &[DecodeRow], gbps: f64) -> String {
 /// row's linear multiply-accumulates as a fraction of its precision's peak.
 #[cfg(target_arch = "x86_64")]
 pub fn peak_table(rows: &[DecodeRow], threads: usize) -> String {
-    let kinds = [DotKind::Int8, DotKind::Bf16, DotKind::F32, DotKind::F32Avx2];
+    let kinds = [
+        DotKind::Int8,
+        DotKind::Bf16,
+        DotKind::F32,
+        DotKind::Int8Avx2,
+        DotKind::F32Avx2,
+    ];
     let peaks: Vec<(DotKind, Option<f64>)> =
         kinds.iter().map(|&k| (k, dot_peak(k, threads))).collect();
     let peak_of = |k: DotKind| peaks.iter().find(|(p, _)| *p == k).and_then(|(_, v)| *v);

@@ -12,6 +12,7 @@
 //! | `vdpbf16ps` (AVX-512 BF16, bf16 pairs -> f32) | 32 |
 //! | `vfmadd231ps` (f32) | 16 |
 //! | `vfmadd231ps` on 256-bit registers (f32, AVX2 CPUs) | 8 |
+//! | `vpsignb`, `vpmaddubsw`, `vpmaddwd`, `vpaddd` on 256-bit registers (the AVX2 q8_0 kernel's sequence) | 32 |
 
 use std::arch::x86_64::*;
 use std::time::Instant;
@@ -30,6 +31,10 @@ pub enum DotKind {
     /// `vfmadd231ps` on 256-bit registers: the AVX2 float kernel's (f32, f16 and bf16
     /// weights), on CPUs without AVX-512.
     F32Avx2,
+    /// The AVX2 q8_0 kernel's four-instruction sequence for 32 byte products (sign moved onto
+    /// the inputs, `vpmaddubsw`, `vpmaddwd` by ones, `vpaddd`), on CPUs without VNNI; counted
+    /// as one "instruction" here.
+    Int8Avx2,
 }
 
 impl DotKind {
@@ -40,6 +45,7 @@ impl DotKind {
             Self::Bf16 => 32,
             Self::F32 => 16,
             Self::F32Avx2 => 8,
+            Self::Int8Avx2 => 32,
         }
     }
 
@@ -51,6 +57,7 @@ impl DotKind {
             Self::Bf16 => avx512() && is_x86_feature_detected!("avx512bf16"),
             Self::F32 => avx512() && is_x86_feature_detected!("fma"),
             Self::F32Avx2 => is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma"),
+            Self::Int8Avx2 => is_x86_feature_detected!("avx2"),
         }
     }
 
@@ -61,6 +68,7 @@ impl DotKind {
             Self::Bf16 => "bf16 (vdpbf16ps)",
             Self::F32 => "f32 (vfmadd231ps)",
             Self::F32Avx2 => "f32 (vfmadd231ps, 256-bit)",
+            Self::Int8Avx2 => "int8 (vpmaddubsw + vpmaddwd, 256-bit)",
         }
     }
 }
@@ -105,6 +113,7 @@ unsafe fn run(kind: DotKind, iters: u64) -> f32 {
             DotKind::Bf16 => bf16_chains(iters),
             DotKind::F32 => f32_chains(iters),
             DotKind::F32Avx2 => f32x8_chains(iters),
+            DotKind::Int8Avx2 => int8x32_sequences(iters),
         }
     }
 }
@@ -188,13 +197,61 @@ fn f32x8_chains(iters: u64) -> f32 {
     )
 }
 
+/// `CHAINS` of the AVX2 q8_0 sequence per iteration, into 4 accumulators (the only
+/// loop-carried dependency is the 1-cycle `vpaddd`). Written as inline assembly: with
+/// intrinsics the compiler would compute the loop-invariant products once and keep only the
+/// adds.
+#[target_feature(enable = "avx2")]
+fn int8x32_sequences(iters: u64) -> f32 {
+    // Inputs 1, weights -1, -2, -3, -4 per 4 bytes: the weights' magnitudes 1..4 times the
+    // inputs with the weights' signs, -10 per 32-bit lane per sequence.
+    let x = _mm256_set1_epi32(operand(0x0101_0101));
+    let w = _mm256_set1_epi32(operand(0xFCFD_FEFFu32 as i32));
+    let magnitude = _mm256_abs_epi8(w);
+    let ones = _mm256_set1_epi16(1);
+    let mut c = [_mm256_setzero_si256(); 4];
+    for _ in 0..iters {
+        for _ in 0..CHAINS / 4 {
+            // SAFETY: register-only instructions of AVX2, which this function has; no memory,
+            // stack or flags touched.
+            unsafe {
+                std::arch::asm!(
+                    "vpsignb {t0}, {x}, {w}", "vpmaddubsw {t0}, {m}, {t0}",
+                    "vpmaddwd {t0}, {t0}, {o}", "vpaddd {c0}, {c0}, {t0}",
+                    "vpsignb {t1}, {x}, {w}", "vpmaddubsw {t1}, {m}, {t1}",
+                    "vpmaddwd {t1}, {t1}, {o}", "vpaddd {c1}, {c1}, {t1}",
+                    "vpsignb {t2}, {x}, {w}", "vpmaddubsw {t2}, {m}, {t2}",
+                    "vpmaddwd {t2}, {t2}, {o}", "vpaddd {c2}, {c2}, {t2}",
+                    "vpsignb {t3}, {x}, {w}", "vpmaddubsw {t3}, {m}, {t3}",
+                    "vpmaddwd {t3}, {t3}, {o}", "vpaddd {c3}, {c3}, {t3}",
+                    x = in(ymm_reg) x, w = in(ymm_reg) w, m = in(ymm_reg) magnitude,
+                    o = in(ymm_reg) ones,
+                    c0 = inout(ymm_reg) c[0], c1 = inout(ymm_reg) c[1],
+                    c2 = inout(ymm_reg) c[2], c3 = inout(ymm_reg) c[3],
+                    t0 = out(ymm_reg) _, t1 = out(ymm_reg) _,
+                    t2 = out(ymm_reg) _, t3 = out(ymm_reg) _,
+                    options(pure, nomem, nostack, preserves_flags),
+                );
+            }
+        }
+    }
+    let s = c
+        .iter()
+        .fold(_mm256_setzero_si256(), |s, v| _mm256_add_epi32(s, *v));
+    let mut lanes = [0i32; 8];
+    // SAFETY: `lanes` holds 8 i32; the function has AVX2.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s) };
+    lanes.iter().sum::<i32>() as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Each loop does the work its count claims: 16 chains of 16 lanes (8 for 256-bit
-    /// registers), each instruction adding `macs_per_instruction / lanes` products per lane (int8: 1 x (4 + 3 + 2 + 1); bf16:
-    /// two products of 1 x 2^-20; f32: one).
+    /// registers), each instruction adding `macs_per_instruction / lanes` products per lane
+    /// (int8: 1 x (4 + 3 + 2 + 1); AVX2 int8: 1 x -(1 + 2 + 3 + 4); bf16: two products of
+    /// 1 x 2^-20; f32: one).
     #[test]
     fn the_loops_do_the_multiply_accumulates_they_count() {
         let lanes_and_chains = (CHAINS * 16) as f32;
@@ -203,6 +260,7 @@ mod tests {
             (DotKind::Bf16, lanes_and_chains * 2.0 * 2f32.powi(-20)),
             (DotKind::F32, lanes_and_chains * 2f32.powi(-20)),
             (DotKind::F32Avx2, lanes_and_chains / 2.0 * 2f32.powi(-20)),
+            (DotKind::Int8Avx2, lanes_and_chains / 2.0 * -10.0),
         ];
         for (kind, per_iteration) in cases {
             if !kind.available() {
