@@ -2,9 +2,10 @@
 //! cores together retire with the instruction each kernel is built on. The decode benchmark
 //! divides a step's multiply-accumulates by these to say how close the kernels come.
 //!
-//! Each thread runs 16 independent accumulator chains of one instruction (enough to cover
-//! the latency of every x86 core's vector units), all threads at once, on register operands
-//! only: no memory traffic, so the result is the instruction's throughput and nothing else.
+//! Each thread runs 16 instructions per loop iteration, in independent accumulator chains
+//! (16 on AVX-512's 32 registers; 8 or 4 on AVX2's 16, enough to cover the latency of every
+//! x86 core's vector units), all threads at once, on register operands only: no memory
+//! traffic, so the result is the instruction's throughput and nothing else.
 //!
 //! | instruction | multiply-accumulates per instruction |
 //! | --- | ---: |
@@ -178,23 +179,27 @@ fn f32_chains(iters: u64) -> f32 {
     )
 }
 
+/// `CHAINS` FMAs per iteration as 8 accumulators stepped twice: AVX2 has 16 registers, so
+/// 16 accumulators and the two operands would not fit, and the spilled chains would measure
+/// store-to-load forwarding instead (less than half the peak, as this probe measured before).
+/// 8 chains cover the FMA latency (4 cycles) on two units.
 #[target_feature(enable = "avx,fma")]
 fn f32x8_chains(iters: u64) -> f32 {
     let a = _mm256_set1_ps(f32::from_bits(operand(0x3F80_0000) as u32));
     let b = _mm256_set1_ps(f32::from_bits(operand(0x3580_0000) as u32));
-    let reduce = |s: __m256| {
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds 8 f32; the function has AVX.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
-        lanes.iter().sum::<f32>()
-    };
-    chains!(
-        iters,
-        _mm256_setzero_ps(),
-        |c| _mm256_fmadd_ps(a, b, c),
-        _mm256_add_ps,
-        reduce
-    )
+    let mut acc = [_mm256_setzero_ps(); CHAINS / 2];
+    for _ in 0..iters {
+        for _ in 0..2 {
+            for c in acc.iter_mut() {
+                *c = _mm256_fmadd_ps(a, b, *c);
+            }
+        }
+    }
+    let s = acc.iter().fold(_mm256_setzero_ps(), |s, c| _mm256_add_ps(s, *c));
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 f32; the function has AVX.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
+    lanes.iter().sum::<f32>()
 }
 
 /// `CHAINS` of the AVX2 q8_0 sequence per iteration, into 4 accumulators (the only
