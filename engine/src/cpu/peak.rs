@@ -195,7 +195,9 @@ fn f32x8_chains(iters: u64) -> f32 {
             }
         }
     }
-    let s = acc.iter().fold(_mm256_setzero_ps(), |s, c| _mm256_add_ps(s, *c));
+    let s = acc
+        .iter()
+        .fold(_mm256_setzero_ps(), |s, c| _mm256_add_ps(s, *c));
     let mut lanes = [0f32; 8];
     // SAFETY: `lanes` holds 8 f32; the function has AVX.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
