@@ -59,7 +59,7 @@ impl Avx512 {
     }
 }
 
-/// Proof that the CPU runs gptj's AVX2 kernels (the float products of the packed layers): it
+/// Proof that the CPU runs gptj's AVX2 kernels (every packed product, and attention): it
 /// has AVX2, FMA and F16C, and `GPTJ_CPU_KERNELS=candle` did not turn the kernels off. Made
 /// only by [`Avx2::detect`], as [`Avx512`] is.
 #[cfg(target_arch = "x86_64")]
@@ -89,8 +89,8 @@ impl Avx2 {
 pub(crate) enum Isa {
     /// Every packed kernel (float, bf16 pairs, q8_0) and the AVX-512 attention.
     Avx512(Avx512),
-    /// The float products (f32, f16 and bf16 weights, f32 arithmetic); q8_0 and attention
-    /// stay on candle's and the portable kernels.
+    /// The same products on 256-bit registers (bf16 widened, no pair panels) and the AVX2
+    /// attention.
     Avx2(Avx2),
 }
 

@@ -1,4 +1,5 @@
-//! Linear layers for the CPU with weights repacked at load time for AVX-512 kernels.
+//! Linear layers for the CPU with weights repacked at load time for gptj's AVX-512 and AVX2
+//! kernels.
 //!
 //! candle's CPU matmuls leave most of a modern x86 core idle on GPT-J's shapes: its gemm runs
 //! AVX2 only, its one-row path rounds differently from its many-row path (batch invariance
@@ -23,11 +24,11 @@
 //! its row falls into, so a row's result is bitwise the same alone or in any batch. Threads
 //! split the column groups, so at batch 1 each streams its own half of the weight.
 //!
-//! Every kind runs where the CPU has AVX-512 (F, BW, VL, VNNI), F16C and FMA (`avx512.rs`);
-//! the float kinds also where it has AVX2, F16C and FMA only (`avx2.rs`, the same panels read
-//! as two 256-bit halves). A [`PackedLinear`] cannot be built without the [`Isa`] token that
-//! proves its instruction set, and it keeps the token for every product it runs (q8_0 panels
-//! hold an [`Avx512`] one). Elsewhere `Linear` keeps candle's kernels;
+//! Every kind runs where the CPU has AVX-512 (F, BW, VL, VNNI), F16C and FMA (`avx512.rs`),
+//! and where it has AVX2, F16C and FMA only (`avx2.rs`, the same panels read as two 256-bit
+//! halves; q8_0 through `vpmaddubsw` with the same exact block sums). A [`PackedLinear`]
+//! cannot be built without the [`Isa`] token that proves its instruction set, and it keeps
+//! the token for every product it runs. Elsewhere `Linear` keeps candle's kernels;
 //! `GPTJ_CPU_KERNELS=candle` forces those too, and `GPTJ_CPU_KERNELS=avx2` the AVX2 kernels
 //! on an AVX-512 CPU, for A/B comparisons.
 
@@ -65,7 +66,7 @@ enum Panels {
     },
 }
 
-/// `y = x W^T + b` with `W` repacked for the AVX-512 kernels. Inputs and outputs are
+/// `y = x W^T + b` with `W` repacked for gptj's kernels. Inputs and outputs are
 /// `(rows, in)` and `(rows, out)` tensors in the activation dtype; the arithmetic is f32.
 pub(crate) struct PackedLinear {
     out_dim: usize,
