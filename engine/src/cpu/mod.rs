@@ -1,6 +1,6 @@
 //! What the CPU kernels share, and nothing else: the proofs that this CPU has the AVX-512 or
 //! AVX2 features the kernels are compiled for ([`Avx512`], [`Avx2`], and [`Isa`], the best of
-//! them), the lane width, the element types that
+//! them, with the extras [`Bf16Dot`] and [`Amx`] on top of AVX-512), the lane width, the element types that
 //! are stored narrow and computed in f32 ([`Elem`]), an output buffer that threads write in
 //! disjoint parts ([`SharedOut`]), and small vector helpers ([`vector`]).
 //!
@@ -15,12 +15,17 @@ use std::ptr::NonNull;
 use half::{bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod peak;
 pub(crate) mod vector;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use amx::Amx;
 
 /// f32 lanes in one 512-bit register: the kernels' unit of columns (linear) and of positions
 /// (attention).

@@ -15,12 +15,12 @@ use half::bf16;
 
 use super::tile::{check_q8_buffers, FloatTile, Q8Tile, Start, QBLOCK};
 use crate::cpu::avx512::{as_bf16x32, exp16};
-use crate::cpu::{Avx512, Elem, LANES};
+use crate::cpu::{Avx512, Bf16Dot, Elem, LANES};
 
 /// # Safety
 /// The CPU has AVX-512F; `start` and `out` cover `R` rows of `C * 16` values.
 #[inline(always)]
-unsafe fn start_acc<const R: usize, const C: usize>(
+pub(super) unsafe fn start_acc<const R: usize, const C: usize>(
     start: Start,
     out: *mut f32,
     out_stride: usize,
@@ -44,7 +44,7 @@ unsafe fn start_acc<const R: usize, const C: usize>(
 /// # Safety
 /// The CPU has AVX-512F; `out` covers `R` rows of `C * 16` values.
 #[inline(always)]
-unsafe fn store_acc<const R: usize, const C: usize>(
+pub(super) unsafe fn store_acc<const R: usize, const C: usize>(
     acc: &[[__m512; C]; R],
     out: *mut f32,
     out_stride: usize,
@@ -92,12 +92,15 @@ pub(crate) unsafe fn float_tile<const R: usize, const C: usize, T: Elem>(t: Floa
 /// inputs go to the dot-product unit as stored.
 ///
 /// # Safety
-/// The CPU has AVX-512F/BW/VL and BF16 (an [`Avx512`] and a `Bf16Dot` token are in hand);
+/// The CPU has AVX-512F/BW/VL and BF16 (an [`Avx512`] and the `Bf16Dot` token are in hand);
 /// `x` covers `R` rows of `len` inputs, `w` `C` pair panels (`[k / 2][16 columns][2]`) of
 /// `len * 16`, `out` (and the bias, if any) `R` rows of `C * 16` outputs. An odd `len` would
 /// leave its last input out (wrong, not unsound); the callers' are even.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) unsafe fn bf16_pair_tile<const R: usize, const C: usize>(t: FloatTile<bf16, bf16>) {
+pub(crate) unsafe fn bf16_pair_tile<const R: usize, const C: usize>(
+    _dot: Bf16Dot,
+    t: FloatTile<bf16, bf16>,
+) {
     // SAFETY: the bias and `out` cover the tile (the caller's promise).
     let mut acc = unsafe { start_acc::<R, C>(t.bias, t.out, t.out_stride) };
     for k2 in 0..t.len / 2 {

@@ -36,10 +36,11 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::activation::Activation;
+use super::amx;
 use super::avx2;
 use super::avx512;
 use super::tile::{FloatTile, Q8Tile, Start, QBLOCK};
-use crate::cpu::{Avx512, Bf16Dot, Elem, Isa, SharedOut, LANES};
+use crate::cpu::{Amx, Avx512, Bf16Dot, Elem, Isa, SharedOut, LANES};
 use crate::error::Result;
 use crate::precision::Precision;
 /// Input positions handled per pass over a tile of outputs, so that the weight panel slice
@@ -57,8 +58,15 @@ enum Panels {
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
     /// bf16 in pair panels `[group][k / 2][16][2]` for `vdpbf16ps`, on CPUs with AVX-512
-    /// BF16 and an even `in_dim`: the token proves the instruction for every product.
-    Bf16Pairs(Vec<bf16>, Bf16Dot),
+    /// BF16 and an even `in_dim`: the token proves the instruction for every product. Where
+    /// the CPU has AMX-BF16 and `in_dim` is a multiple of 32, every product of the layer runs
+    /// on the tile unit instead (the same panels; its sums round differently, so a layer
+    /// never mixes the two).
+    Bf16Pairs {
+        panels: Vec<bf16>,
+        dot: Bf16Dot,
+        amx: Option<Amx>,
+    },
     /// Quants offset to `u8` and one scale per (column, block).
     Q8 {
         quants: Vec<u8>,
@@ -138,9 +146,14 @@ impl PackedLinear {
             PackedKind::F32 => Panels::F32(pack_float(&w, out_dim, in_dim, |v| v)),
             PackedKind::F16 => Panels::F16(pack_float(&w, out_dim, in_dim, f16::from_f32)),
             PackedKind::Bf16 => match cpu.avx512().and_then(Avx512::bf16_dot) {
-                Some(dot) if in_dim.is_multiple_of(2) => {
-                    Panels::Bf16Pairs(pack_pairs(&w, out_dim, in_dim), dot)
-                }
+                Some(dot) if in_dim.is_multiple_of(2) => Panels::Bf16Pairs {
+                    panels: pack_pairs(&w, out_dim, in_dim),
+                    dot,
+                    amx: cpu
+                        .avx512()
+                        .and_then(Avx512::amx)
+                        .filter(|_| in_dim.is_multiple_of(amx::K_STEP)),
+                },
                 _ => Panels::Bf16(pack_float(&w, out_dim, in_dim, bf16::from_f32)),
             },
             PackedKind::Q8_0 => {
@@ -174,7 +187,7 @@ impl PackedLinear {
         match self.panels {
             Panels::F32(_) => "f32",
             Panels::F16(_) => "f16",
-            Panels::Bf16(_) | Panels::Bf16Pairs(..) => "bf16",
+            Panels::Bf16(_) | Panels::Bf16Pairs { .. } => "bf16",
             Panels::Q8 { .. } => "q8_0",
         }
     }
@@ -184,7 +197,7 @@ impl PackedLinear {
         match &self.panels {
             Panels::F32(p) => p.len() * 4,
             Panels::F16(p) => p.len() * 2,
-            Panels::Bf16(p) | Panels::Bf16Pairs(p, _) => p.len() * 2,
+            Panels::Bf16(p) | Panels::Bf16Pairs { panels: p, .. } => p.len() * 2,
             Panels::Q8 { quants, scales, .. } => quants.len() + scales.len() * 2,
         }
     }
@@ -204,7 +217,7 @@ impl PackedLinear {
                 rows,
                 act,
             ),
-            Panels::Bf16Pairs(..) => {
+            Panels::Bf16Pairs { .. } => {
                 let narrow: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
                 self.run_input(&Input::Bf16(&narrow), rows, act)
             }
@@ -277,7 +290,7 @@ impl PackedLinear {
     /// else widened like f16.
     fn run_bf16(&self, x: &[bf16], rows: usize, act: Activation) -> Vec<bf16> {
         match self.panels {
-            Panels::Bf16Pairs(..) => {
+            Panels::Bf16Pairs { .. } => {
                 assert_eq!(x.len(), rows * self.in_dim, "packed linear: input size");
                 let out = self.run_input(&Input::Bf16(x), rows, act);
                 out.into_iter().map(bf16::from_f32).collect()
@@ -418,6 +431,8 @@ const AR: usize = 6;
 /// The same for the AVX2 q8_0 kernel: 8 integer sums, the signed weights and their
 /// magnitudes, a broadcast and the constant of ones (its float sums stay in `out`).
 const AQR: usize = 4;
+/// Rows per tile on the AMX bf16 kernel: a tile register's 16 rows.
+const AMX_R: usize = 16;
 
 impl Job<'_> {
     /// Computes column groups `g0..g1` for every row, then applies the activation to them.
@@ -490,10 +505,11 @@ impl Job<'_> {
                 }
             };
         }
-        /// Every row tile of `$view` (all rows) on `$m::$kernel` (generics after the shape:
-        /// `$t`).
+        /// Every row tile of `$view` (all rows) on `$m::$kernel` (a token argument before the
+        /// view: `[$token]`; generics after the shape: `$t`).
         macro_rules! row_tiles {
-            ($m:ident::$kernel:ident, $view:expr, $max_r:expr; $rs:tt; $cs:tt $(, $t:ty)?) => {{
+            ($m:ident::$kernel:ident $([$token:expr])?, $view:expr, $max_r:expr;
+                $rs:tt; $cs:tt $(, $t:ty)?) => {{
                 let all = $view;
                 let mut r = 0;
                 while r < rows {
@@ -505,9 +521,10 @@ impl Job<'_> {
                             // checked where it was made, and `r + nr <= rows`) of `nc` groups,
                             // the features are proven (float and q8_0 panels: `self.lin.cpu`,
                             // matched to the kernel's instruction set below; pair panels: their
-                            // `Bf16Dot`, which only an `Avx512` makes), and the output part is
-                            // this thread's alone (the caller's promise).
-                            unsafe { $m::$kernel::<$rr, $cc $(, $t)?>(view) }
+                            // `Bf16Dot`, and AMX q8_0 panels: their `Amx`, which only an
+                            // `Avx512` makes), and the output part is this thread's alone (the
+                            // caller's promise).
+                            unsafe { $m::$kernel::<$rr, $cc $(, $t)?>($($token,)? view) }
                         };
                     }
                     by_shape!(call; nr; $rs; $cs);
@@ -531,8 +548,19 @@ impl Job<'_> {
             (Panels::F32(p), Input::F32(x)) => float!(float_tile, x, p, _),
             (Panels::F16(p), Input::F32(x)) => float!(float_tile, x, p, _),
             (Panels::Bf16(p), Input::F32(x)) => float!(float_tile, x, p, _),
-            (Panels::Bf16Pairs(p, _), Input::Bf16(x)) => {
-                row_tiles!(avx512::bf16_pair_tile, self.view(x, p, g, nc, k0, k1), FR;
+            (
+                Panels::Bf16Pairs {
+                    panels: p,
+                    amx: Some(tiles),
+                    ..
+                },
+                Input::Bf16(x),
+            ) => {
+                row_tiles!(amx::bf16_tile[*tiles], self.view(x, p, g, nc, k0, k1), AMX_R;
+                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]; [1, 2, 3, 4])
+            }
+            (Panels::Bf16Pairs { panels: p, dot, .. }, Input::Bf16(x)) => {
+                row_tiles!(avx512::bf16_pair_tile[*dot], self.view(x, p, g, nc, k0, k1), FR;
                     [1, 2, 3, 4, 5, 6]; [1, 2, 3, 4])
             }
             (Panels::Q8 { .. }, Input::Q8(_)) => match self.lin.cpu {
@@ -731,8 +759,9 @@ mod tests {
         }
     }
 
-    /// The `vdpbf16ps` pair kernel and the widening f32 kernel compute the same products of
-    /// the same bf16 values; they differ only in how each pair's two products are added.
+    /// The pair kernels (on the tile unit where the CPU has AMX, and on `vdpbf16ps`) and the
+    /// widening f32 kernel compute the same products of the same bf16 values; they differ
+    /// only in the order of the sums.
     #[test]
     fn bf16_pairs_agree_with_the_widening_kernel() {
         let Some(cpu) = Avx512::detect() else {
@@ -748,9 +777,18 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+        let amx = cpu.amx();
         let cpu = Isa::Avx512(cpu);
-        let pairs = PackedLinear::new(cpu, &w, Some(&b), PackedKind::Bf16).unwrap();
-        assert!(matches!(pairs.panels, Panels::Bf16Pairs(..)));
+        let on_tiles = PackedLinear::new(cpu, &w, Some(&b), PackedKind::Bf16).unwrap();
+        let Panels::Bf16Pairs { amx: chosen, .. } = &on_tiles.panels else {
+            panic!("bf16 layers take pair panels where the CPU has AVX-512 BF16")
+        };
+        assert_eq!(chosen.is_some(), amx.is_some(), "AMX where the CPU has it");
+        // The same panels on `vdpbf16ps`, whatever the CPU.
+        let mut on_vectors = PackedLinear::new(cpu, &w, Some(&b), PackedKind::Bf16).unwrap();
+        if let Panels::Bf16Pairs { amx, .. } = &mut on_vectors.panels {
+            *amx = None;
+        }
         let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let widening = PackedLinear {
             panels: Panels::Bf16(pack_float(&wv, n, k, bf16::from_f32)),
@@ -758,12 +796,17 @@ mod tests {
         };
         let x = x.to_dtype(DType::BF16).unwrap();
         let xs: Vec<bf16> = x.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
-        let got = pairs.run_input(&Input::Bf16(&xs), m, Activation::Identity);
         let xf: Vec<f32> = xs.iter().map(|v| v.to_f32()).collect();
         let want = widening.run_input(&Input::F32(&xf), m, Activation::Identity);
         let scale = max_abs(&want);
-        for (i, (g, r)) in got.iter().zip(&want).enumerate() {
-            assert!((g - r).abs() <= 1e-5 * scale, "output {i}: {g} vs {r}");
+        for (name, pairs) in [("tiles", &on_tiles), ("vectors", &on_vectors)] {
+            let got = pairs.run_input(&Input::Bf16(&xs), m, Activation::Identity);
+            for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - r).abs() <= 1e-5 * scale,
+                    "{name}: output {i}: {g} vs {r}"
+                );
+            }
         }
     }
 
