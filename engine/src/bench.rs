@@ -75,8 +75,8 @@ impl DecodeRow {
 
     /// The instruction whose peak bounds this precision's products, on the instruction set
     /// the layers run on (`Isa::detect`, as `Linear::new` picks it): with the AVX2 kernels
-    /// every float precision is bound by the 256-bit FMA, and q8_0 (candle's kernel there) by
-    /// no instruction the probe has ("-").
+    /// every float precision is bound by the 256-bit FMA and q8_0 by the AVX2 int8 sequence;
+    /// with AVX-512, bf16 is bound by the AMX tile unit where the CPU has one.
     #[cfg(target_arch = "x86_64")]
     pub fn dot_kind(&self) -> DotKind {
         let avx2 = matches!(crate::cpu::Isa::detect(), Some(crate::cpu::Isa::Avx2(_)));
@@ -84,6 +84,7 @@ impl DecodeRow {
             Precision::Q8_0 if avx2 => DotKind::Int8Avx2,
             Precision::Q8_0 => DotKind::Int8,
             _ if avx2 => DotKind::F32Avx2,
+            Precision::Bf16 if DotKind::Bf16Amx.available() => DotKind::Bf16Amx,
             Precision::Bf16 => DotKind::Bf16,
             Precision::Native | Precision::F32 | Precision::F16 => DotKind::F32,
         }
@@ -256,6 +257,7 @@ pub fn peak_table(rows: &[DecodeRow], threads: usize) -> String {
     let kinds = [
         DotKind::Int8,
         DotKind::Bf16,
+        DotKind::Bf16Amx,
         DotKind::F32,
         DotKind::Int8Avx2,
         DotKind::F32Avx2,

@@ -14,6 +14,10 @@
 //! | `vfmadd231ps` (f32) | 16 |
 //! | `vfmadd231ps` on 256-bit registers (f32, AVX2 CPUs) | 8 |
 //! | `vpsignb`, `vpmaddubsw`, `vpmaddwd`, `vpaddd` on 256-bit registers (the AVX2 q8_0 kernel's sequence) | 32 |
+//! | `tdpbf16ps` (AMX-BF16, 16 x 32 bf16 by 32 x 16 -> 16 x 16 f32 tiles) | 8,192 |
+//!
+//! The tile unit's loop is the same 16 instructions on four sum tiles (its latency is covered
+//! by four), with 1/16 of the iterations: each instruction takes about 16 cycles.
 
 use std::arch::x86_64::*;
 use std::time::Instant;
@@ -36,6 +40,8 @@ pub enum DotKind {
     /// the inputs, `vpmaddubsw`, `vpmaddwd` by ones, `vpaddd`), on CPUs without VNNI; counted
     /// as one "instruction" here.
     Int8Avx2,
+    /// `tdpbf16ps` on the AMX tile unit: the bf16 kernel's where the CPU has AMX-BF16.
+    Bf16Amx,
 }
 
 impl DotKind {
@@ -47,6 +53,7 @@ impl DotKind {
             Self::F32 => 16,
             Self::F32Avx2 => 8,
             Self::Int8Avx2 => 32,
+            Self::Bf16Amx => 16 * 16 * 32,
         }
     }
 
@@ -59,6 +66,7 @@ impl DotKind {
             Self::F32 => avx512() && is_x86_feature_detected!("fma"),
             Self::F32Avx2 => is_x86_feature_detected!("avx") && is_x86_feature_detected!("fma"),
             Self::Int8Avx2 => is_x86_feature_detected!("avx2"),
+            Self::Bf16Amx => amx().is_some(),
         }
     }
 
@@ -70,8 +78,23 @@ impl DotKind {
             Self::F32 => "f32 (vfmadd231ps)",
             Self::F32Avx2 => "f32 (vfmadd231ps, 256-bit)",
             Self::Int8Avx2 => "int8 (vpmaddubsw + vpmaddwd, 256-bit)",
+            Self::Bf16Amx => "bf16 (AMX tdpbf16ps)",
         }
     }
+
+    /// Loop iterations per thread per measurement: `ITERS`, or 1/16 of it for the tile unit
+    /// (whose instruction takes ~16 cycles), so that each takes about as long.
+    fn iterations(self) -> u64 {
+        match self {
+            Self::Bf16Amx => ITERS / 16,
+            _ => ITERS,
+        }
+    }
+}
+
+/// The AMX token, where this CPU and process have the tile unit.
+fn amx() -> Option<super::Amx> {
+    super::Avx512::detect().and_then(super::Avx512::amx)
 }
 
 /// Chains per thread, and instructions per chain per loop iteration.
@@ -93,10 +116,12 @@ pub fn dot_peak(kind: DotKind, threads: usize) -> Option<f64> {
             std::thread::scope(|s| {
                 for _ in 0..threads {
                     // SAFETY: `kind.available()` checked the instruction's features above.
-                    s.spawn(move || std::hint::black_box(unsafe { run(kind, ITERS) }));
+                    let iters = kind.iterations();
+                    s.spawn(move || std::hint::black_box(unsafe { run(kind, iters) }));
                 }
             });
-            let macs = threads as u64 * ITERS * CHAINS as u64 * kind.macs_per_instruction();
+            let macs =
+                threads as u64 * kind.iterations() * CHAINS as u64 * kind.macs_per_instruction();
             macs as f64 / start.elapsed().as_secs_f64()
         })
         .collect();
@@ -115,6 +140,10 @@ unsafe fn run(kind: DotKind, iters: u64) -> f32 {
             DotKind::F32 => f32_chains(iters),
             DotKind::F32Avx2 => f32x8_chains(iters),
             DotKind::Int8Avx2 => int8x32_sequences(iters),
+            DotKind::Bf16Amx => match amx() {
+                Some(amx) => bf16_tile_chains(amx, iters),
+                None => unreachable!("the caller checked `available`"),
+            },
         }
     }
 }
@@ -251,6 +280,47 @@ fn int8x32_sequences(iters: u64) -> f32 {
     lanes.iter().sum::<i32>() as f32
 }
 
+/// `CHAINS` `tdpbf16ps` per iteration into four sum tiles, on tiles of bf16 1.0 (inputs)
+/// and 2^-20 (weights): each instruction adds 32 products of 2^-20 to each of 256 sums.
+fn bf16_tile_chains(amx: super::Amx, iters: u64) -> f32 {
+    let cfg = (0..6).fold(super::amx::TileConfig::new(), |c, t| c.with(t, 16, 64));
+    cfg.load(amx);
+    let ones = [half::bf16::ONE; 16 * 32];
+    let small = [half::bf16::from_f32(2f32.powi(-20)); 16 * 32];
+    let mut sums = [0f32; 4 * 256];
+    // SAFETY: `amx` proves the tile unit; `cfg`, loaded above on this thread, makes tiles 0-5
+    // 16 rows of 64 bytes, and every load and store below reads or writes 16 rows of 64
+    // bytes (stride 64) inside `ones`, `small` and `sums`.
+    unsafe {
+        std::arch::asm!(
+            "tileloadd tmm4, [{a} + {s} * 1]",
+            "tileloadd tmm5, [{b} + {s} * 1]",
+            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+            a = in(reg) ones.as_ptr(), b = in(reg) small.as_ptr(), s = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+        for _ in 0..iters {
+            for _ in 0..CHAINS / 4 {
+                std::arch::asm!(
+                    "tdpbf16ps tmm0, tmm4, tmm5", "tdpbf16ps tmm1, tmm4, tmm5",
+                    "tdpbf16ps tmm2, tmm4, tmm5", "tdpbf16ps tmm3, tmm4, tmm5",
+                    options(nostack, nomem),
+                );
+            }
+        }
+        std::arch::asm!(
+            "tilestored [{c} + {s} * 1], tmm0",
+            "tilestored [{c} + {s} * 1 + 1024], tmm1",
+            "tilestored [{c} + {s} * 1 + 2048], tmm2",
+            "tilestored [{c} + {s} * 1 + 3072], tmm3",
+            c = in(reg) sums.as_mut_ptr(), s = in(reg) 64usize,
+            options(nostack),
+        );
+    }
+    super::amx::release(amx);
+    sums.iter().sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,7 +328,7 @@ mod tests {
     /// Each loop does the work its count claims: 16 chains of 16 lanes (8 for 256-bit
     /// registers), each instruction adding `macs_per_instruction / lanes` products per lane
     /// (int8: 1 x (4 + 3 + 2 + 1); AVX2 int8: 1 x -(1 + 2 + 3 + 4); bf16: two products of
-    /// 1 x 2^-20; f32: one).
+    /// 1 x 2^-20; f32: one; AMX: 16 instructions into 256 sums of 32 products of 2^-20).
     #[test]
     fn the_loops_do_the_multiply_accumulates_they_count() {
         let lanes_and_chains = (CHAINS * 16) as f32;
@@ -268,6 +338,7 @@ mod tests {
             (DotKind::F32, lanes_and_chains * 2f32.powi(-20)),
             (DotKind::F32Avx2, lanes_and_chains / 2.0 * 2f32.powi(-20)),
             (DotKind::Int8Avx2, lanes_and_chains / 2.0 * -10.0),
+            (DotKind::Bf16Amx, (CHAINS * 256 * 32) as f32 * 2f32.powi(-20)),
         ];
         for (kind, per_iteration) in cases {
             if !kind.available() {
