@@ -2,7 +2,8 @@
 # One sitting against the peers of ../shared/tools/peers/ (vLLM CPU, OpenVINO GenAI, CTranslate2)
 # on the `small` GPT-J shape, after their set-up (see docs/benchmarks.md, "Against the peers"):
 #   1. the engine's decode step at batch 1 and 64 with the dot-product peaks and the fraction of
-#      peak each precision reaches (benches/decode.rs), and bf16 with and without vdpbf16ps;
+#      peak each precision reaches (benches/decode.rs), and bf16 on AMX (where the CPU has it),
+#      on vdpbf16ps and on the widening kernel;
 #   2. the peers' table (bench_all.sh: 128 + 128 tokens, 1 and 64 concurrent clients over HTTP
 #      with vLLM's own client; CTranslate2 and OpenVINO in-process at batch 1 and 64);
 #   3. step `long`: the seed's long lengths for gptj and vLLM: 64 clients with 1,024-token
@@ -46,6 +47,9 @@ decode)
   log "decode step, all precisions, with peaks"
   (cd "$ROOT" && cargo bench -q --bench decode -- --shape small --precisions f32,bf16,q8_0 \
     --batches 1,64 --context 128 --steps 8 --json "$OUT/decode.json") | tee "$OUT/decode.md"
+  log "decode step, bf16 on vdpbf16ps instead of the AMX tile unit (GPTJ_CPU_AMX=0)"
+  (cd "$ROOT" && GPTJ_CPU_AMX=0 cargo bench -q --bench decode -- --shape small \
+    --precisions bf16 --batches 1,64 --context 128 --steps 8) | tee "$OUT/decode-bf16-vdpbf16ps.md"
   log "decode step, bf16 without vdpbf16ps (GPTJ_CPU_BF16_DOT=0)"
   (cd "$ROOT" && GPTJ_CPU_BF16_DOT=0 cargo bench -q --bench decode -- --shape small \
     --precisions bf16 --batches 1,64 --context 128 --steps 8) | tee "$OUT/decode-bf16-widening.md"
