@@ -76,7 +76,9 @@ impl DecodeRow {
     /// The instruction whose peak bounds this precision's products, on the instruction set
     /// the layers run on (`Isa::detect`, as `Linear::new` picks it): with the AVX2 kernels
     /// every float precision is bound by the 256-bit FMA and q8_0 by the AVX2 int8 sequence;
-    /// with AVX-512, bf16 is bound by the AMX tile unit where the CPU has one.
+    /// with AVX-512, bf16 is bound by the AMX tile unit where the layers run on it, else by
+    /// `vdpbf16ps`, or by the f32 FMA where they widen (no AVX-512 BF16, or
+    /// `GPTJ_CPU_BF16_DOT=0`).
     #[cfg(target_arch = "x86_64")]
     pub fn dot_kind(&self) -> DotKind {
         let avx2 = matches!(crate::cpu::Isa::detect(), Some(crate::cpu::Isa::Avx2(_)));
@@ -84,8 +86,19 @@ impl DecodeRow {
             Precision::Q8_0 if avx2 => DotKind::Int8Avx2,
             Precision::Q8_0 => DotKind::Int8,
             _ if avx2 => DotKind::F32Avx2,
-            Precision::Bf16 if DotKind::Bf16Amx.available() => DotKind::Bf16Amx,
-            Precision::Bf16 => DotKind::Bf16,
+            Precision::Bf16 => {
+                // As `PackedLinear::new` picks: the tile unit over pair panels, `vdpbf16ps`
+                // over pair panels, or the widening f32 kernel without them.
+                let cpu = crate::cpu::Avx512::detect();
+                match (
+                    cpu.and_then(crate::cpu::Avx512::bf16_dot),
+                    cpu.and_then(crate::cpu::Avx512::amx),
+                ) {
+                    (Some(_), Some(_)) => DotKind::Bf16Amx,
+                    (Some(_), None) => DotKind::Bf16,
+                    (None, _) => DotKind::F32,
+                }
+            }
             Precision::Native | Precision::F32 | Precision::F16 => DotKind::F32,
         }
     }
@@ -267,7 +280,7 @@ pub fn peak_table(rows: &[DecodeRow], threads: usize) -> String {
     let peak_of = |k: DotKind| peaks.iter().find(|(p, _)| *p == k).and_then(|(_, v)| *v);
     let mut out = format!("| instruction | peak, {threads} threads |\n| --- | ---: |\n");
     for (k, v) in &peaks {
-        let v = v.map_or("not on this CPU".to_string(), |v| {
+        let v = v.map_or("not on this CPU, or turned off".to_string(), |v| {
             format!("{:.0} GMAC/s", v / 1e9)
         });
         out.push_str(&format!("| {} | {v} |\n", k.name()));

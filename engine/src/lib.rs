@@ -26,6 +26,7 @@ pub mod logprobs;
 mod model;
 mod paged;
 pub mod precision;
+mod residual;
 pub mod sampling;
 pub mod tokenizer;
 mod weights;

@@ -24,6 +24,7 @@ use crate::error::{EngineError, Result};
 use crate::linear::{Activation, Linear};
 use crate::paged::{KvPool, StepLayout};
 use crate::precision::{KvCacheDtype, Precision};
+use crate::residual::parallel_residual;
 use crate::weights::WeightSource;
 
 /// How the model's weights are read: from where, in which precision, onto which device.
@@ -267,7 +268,7 @@ impl Block {
         let h = self.ln_1.forward(x)?;
         let a = self.attn.forward(&h, rotary, cache, step)?;
         let m = self.mlp.forward(&h)?;
-        Ok(((x + a)? + m)?)
+        parallel_residual(x, &a, &m)
     }
 }
 

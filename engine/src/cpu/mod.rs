@@ -249,6 +249,10 @@ impl Elem for bf16 {
         bf16::from_f32(v)
     }
 
+    fn narrow_into(src: &[f32], dst: &mut [Self]) {
+        vector::narrow_bf16(src, dst);
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
@@ -372,6 +376,8 @@ mod tests {
     #[test]
     fn the_token_is_free_and_only_detection_makes_one() {
         assert_eq!(std::mem::size_of::<Avx512>(), 0);
+        assert_eq!(std::mem::size_of::<Amx>(), 0);
+        assert_eq!(std::mem::size_of::<Bf16Dot>(), 0);
         let forced_off = std::env::var("GPTJ_CPU_KERNELS").is_ok_and(|v| v == "candle");
         let cpu = is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")

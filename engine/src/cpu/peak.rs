@@ -115,8 +115,8 @@ pub fn dot_peak(kind: DotKind, threads: usize) -> Option<f64> {
             let start = Instant::now();
             std::thread::scope(|s| {
                 for _ in 0..threads {
-                    // SAFETY: `kind.available()` checked the instruction's features above.
                     let iters = kind.iterations();
+                    // SAFETY: `kind.available()` checked the instruction's features above.
                     s.spawn(move || std::hint::black_box(unsafe { run(kind, iters) }));
                 }
             });
@@ -302,8 +302,10 @@ fn bf16_tile_chains(amx: super::Amx, iters: u64) -> f32 {
         for _ in 0..iters {
             for _ in 0..CHAINS / 4 {
                 std::arch::asm!(
-                    "tdpbf16ps tmm0, tmm4, tmm5", "tdpbf16ps tmm1, tmm4, tmm5",
-                    "tdpbf16ps tmm2, tmm4, tmm5", "tdpbf16ps tmm3, tmm4, tmm5",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tdpbf16ps tmm1, tmm4, tmm5",
+                    "tdpbf16ps tmm2, tmm4, tmm5",
+                    "tdpbf16ps tmm3, tmm4, tmm5",
                     options(nostack, nomem),
                 );
             }
@@ -338,7 +340,10 @@ mod tests {
             (DotKind::F32, lanes_and_chains * 2f32.powi(-20)),
             (DotKind::F32Avx2, lanes_and_chains / 2.0 * 2f32.powi(-20)),
             (DotKind::Int8Avx2, lanes_and_chains / 2.0 * -10.0),
-            (DotKind::Bf16Amx, (CHAINS * 256 * 32) as f32 * 2f32.powi(-20)),
+            (
+                DotKind::Bf16Amx,
+                (CHAINS * 256 * 32) as f32 * 2f32.powi(-20),
+            ),
         ];
         for (kind, per_iteration) in cases {
             if !kind.available() {

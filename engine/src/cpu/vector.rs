@@ -1,5 +1,6 @@
 //! Small vector helpers for the portable CPU paths (paged attention without AVX-512, the
-//! streaming bf16 product): widening f16/bf16 to f32, dot products and axpy. Each has an
+//! streaming bf16 product) and the packed layers' conversions: widening f16/bf16 to f32,
+//! rounding f32 to bf16, dot products and axpy. Each has an
 //! AVX2 + FMA + F16C version, picked at run time (checked once), and a portable fallback,
 //! the one Miri runs.
 
@@ -38,6 +39,41 @@ pub(crate) fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
     }
+}
+
+/// `src` rounded to bf16 into `dst` (as long), with exactly `bf16::from_f32`'s bits: to
+/// nearest even, NaNs kept NaN with their top mantissa bits and the quiet bit set.
+pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX2 {
+        // SAFETY: as in `widen_f16`.
+        return unsafe { x86::narrow_bf16(src, dst) };
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(s);
+    }
+}
+
+/// `out = (x + a) + m` in bf16, rounded after each add as two separate bf16 adds are (each
+/// sum computed exactly in f32, then rounded as `bf16::from_f32`). All four are as long.
+pub(crate) fn add3_bf16(x: &[bf16], a: &[bf16], m: &[bf16], out: &mut [bf16]) {
+    assert!(
+        x.len() == out.len() && a.len() == out.len() && m.len() == out.len(),
+        "add3_bf16: lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if *AVX2 {
+        // SAFETY: as in `widen_f16`.
+        return unsafe { x86::add3_bf16(x, a, m, out) };
+    }
+    for (((o, x), a), m) in out.iter_mut().zip(x).zip(a).zip(m) {
+        *o = add3_one(*x, *a, *m);
+    }
+}
+
+fn add3_one(x: bf16, a: bf16, m: bf16) -> bf16 {
+    let xa = bf16::from_f32(x.to_f32() + a.to_f32());
+    bf16::from_f32(xa.to_f32() + m.to_f32())
 }
 
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -101,6 +137,88 @@ mod x86 {
         }
         for j in i..n {
             dst[j] = src[j].to_f32();
+        }
+    }
+
+    /// The bf16 bits of 8 f32 lanes (in the low half of each 32-bit lane), as
+    /// `bf16::from_f32` rounds: to nearest even; a NaN keeps its top bits, made quiet.
+    #[target_feature(enable = "avx2")]
+    fn round_to_bf16(x: __m256i) -> __m256i {
+        // A NaN's magnitude is above infinity's bits (as i32, both positive).
+        let magnitude = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFF_FFFF));
+        let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F80_0000));
+        let high = _mm256_srli_epi32::<16>(x);
+        // Nearest even: add 0x7FFF plus the lowest kept bit, then drop the low half.
+        let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
+        let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x0040));
+        _mm256_blendv_epi8(rounded, quiet, nan)
+    }
+
+    /// Stores 8 bf16 bits held in the low halves of 32-bit lanes.
+    ///
+    /// # Safety
+    /// `p` has room for 8 bf16; the CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_bf16x8(p: *mut bf16, bits: __m256i) {
+        // Every lane is below 0x10000: the unsigned pack keeps it; then lanes 0-3 and 4-7
+        // sit in the low 64 bits of each 128-bit half.
+        let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(bits, bits));
+        // SAFETY: 16 bytes at `p` (the caller's promise).
+        unsafe { _mm_storeu_si128(p as *mut __m128i, _mm256_castsi256_si128(packed)) };
+    }
+
+    /// 8 bf16 from `p`, widened to f32 lanes.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bf16; the CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_bf16x8(p: *const bf16) -> __m256 {
+        // SAFETY: 16 readable bytes at `p` (the caller's promise).
+        let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn narrow_bf16(src: &[f32], dst: &mut [bf16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: `i + 8 <= n`: 8 f32 readable from `src`, 8 bf16 writable in `dst`.
+            unsafe {
+                let x = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                store_bf16x8(dst.as_mut_ptr().add(i), round_to_bf16(x));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = bf16::from_f32(src[j]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn add3_bf16(x: &[bf16], a: &[bf16], m: &[bf16], out: &mut [bf16]) {
+        let n = out.len().min(x.len()).min(a.len()).min(m.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: `i + 8 <= n`: 8 values readable from each input and writable in `out`.
+            unsafe {
+                let xa = _mm256_add_ps(
+                    load_bf16x8(x.as_ptr().add(i)),
+                    load_bf16x8(a.as_ptr().add(i)),
+                );
+                let xa = _mm256_slli_epi32::<16>(round_to_bf16(_mm256_castps_si256(xa)));
+                let sum = _mm256_add_ps(_mm256_castsi256_ps(xa), load_bf16x8(m.as_ptr().add(i)));
+                store_bf16x8(
+                    out.as_mut_ptr().add(i),
+                    round_to_bf16(_mm256_castps_si256(sum)),
+                );
+            }
+            i += 8;
+        }
+        for j in i..n {
+            out[j] = super::add3_one(x[j], a[j], m[j]);
         }
     }
 
@@ -206,6 +324,67 @@ mod tests {
             assert_eq!(out, a, "widen_f16 {n}");
             widen_bf16(&bh, &mut out);
             assert_eq!(out, a, "widen_bf16 {n}");
+        }
+    }
+
+    /// Rounding to bf16 gives `bf16::from_f32`'s bits for ties (both ways), values just
+    /// above and below them, overflow to infinity, infinities, signed zeros, subnormals and
+    /// NaNs (signalling and quiet, both signs), at lengths with and without a tail.
+    #[test]
+    fn add3_bf16_is_two_rounded_adds() {
+        let v = values(45);
+        let b = |f: &dyn Fn(f32) -> f32| -> Vec<bf16> {
+            v.iter().map(|&x| bf16::from_f32(f(x))).collect()
+        };
+        let (x, a, m) = (
+            b(&|x| x * 1.37),
+            b(&|x| x / 3.1 + 0.01),
+            b(&|x| -x * 0.77 + 2e-3),
+        );
+        for n in [45, 40, 3] {
+            let mut got = vec![bf16::ZERO; n];
+            add3_bf16(&x[..n], &a[..n], &m[..n], &mut got);
+            for i in 0..n {
+                let want = bf16::from_f32(
+                    bf16::from_f32(x[i].to_f32() + a[i].to_f32()).to_f32() + m[i].to_f32(),
+                );
+                assert_eq!(got[i].to_bits(), want.to_bits(), "value {i} of {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn narrow_bf16_rounds_as_half_does() {
+        let specials = [
+            0x3F80_8000u32, // tie, even below: stays
+            0x3F81_8000,    // tie, odd below: rounds up
+            0x3F80_8001,
+            0x3F80_7FFF,
+            0x7F7F_FFFF, // rounds to infinity
+            0x7F80_0000,
+            0xFF80_0000,
+            0x0000_0000,
+            0x8000_0000,
+            0x0000_8001, // subnormal
+            0x807F_FFFF,
+            0x7F80_0001, // signalling NaN
+            0xFFC1_2345, // quiet NaN, negative
+            0x7FFF_FFFF,
+        ];
+        let mut x: Vec<f32> = specials.iter().map(|&b| f32::from_bits(b)).collect();
+        x.extend(values(45).iter().map(|v| v * 1.000_173));
+        for n in [x.len(), x.len() - 3, 5] {
+            let src = &x[..n];
+            let mut got = vec![bf16::ZERO; n];
+            narrow_bf16(src, &mut got);
+            for (i, (g, s)) in got.iter().zip(src).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    bf16::from_f32(*s).to_bits(),
+                    "value {i}: {:#x}",
+                    s.to_bits()
+                );
+            }
         }
     }
 }

@@ -49,6 +49,8 @@ use crate::precision::Precision;
 const KC: usize = 1024;
 // q8_0 passes start on block boundaries, and bf16 pair passes on even inputs.
 const _: () = assert!(KC.is_multiple_of(QBLOCK) && QBLOCK.is_multiple_of(2));
+// AMX passes start on whole tile steps.
+const _: () = assert!(KC.is_multiple_of(amx::K_STEP));
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
@@ -218,7 +220,8 @@ impl PackedLinear {
                 act,
             ),
             Panels::Bf16Pairs { .. } => {
-                let narrow: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                let mut narrow = vec![bf16::ZERO; x.len()];
+                bf16::narrow_into(x, &mut narrow);
                 self.run_input(&Input::Bf16(&narrow), rows, act)
             }
             _ => self.run_input(&Input::F32(x), rows, act),
@@ -293,7 +296,9 @@ impl PackedLinear {
             Panels::Bf16Pairs { .. } => {
                 assert_eq!(x.len(), rows * self.in_dim, "packed linear: input size");
                 let out = self.run_input(&Input::Bf16(x), rows, act);
-                out.into_iter().map(bf16::from_f32).collect()
+                let mut narrow = vec![bf16::ZERO; out.len()];
+                bf16::narrow_into(&out, &mut narrow);
+                narrow
             }
             _ => self.run_narrow(x, rows, act),
         }
@@ -303,7 +308,10 @@ impl PackedLinear {
     fn run_narrow<T: Elem>(&self, x: &[T], rows: usize, act: Activation) -> Vec<T> {
         let mut xf = vec![0f32; x.len()];
         let xf = T::as_f32(x, &mut xf);
-        self.run(xf, rows, act).into_iter().map(T::narrow).collect()
+        let out = self.run(xf, rows, act);
+        let mut narrow = vec![T::narrow(0.0); out.len()];
+        T::narrow_into(&out, &mut narrow);
+        narrow
     }
 }
 
