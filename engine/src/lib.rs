@@ -27,6 +27,7 @@ mod model;
 mod paged;
 pub mod precision;
 mod residual;
+mod rope;
 pub mod sampling;
 pub mod tokenizer;
 mod weights;

@@ -25,6 +25,7 @@ use crate::linear::{Activation, Linear};
 use crate::paged::{KvPool, StepLayout};
 use crate::precision::{KvCacheDtype, Precision};
 use crate::residual::parallel_residual;
+use crate::rope::rope_interleaved;
 use crate::weights::WeightSource;
 
 /// How the model's weights are read: from where, in which precision, onto which device.
@@ -141,21 +142,16 @@ impl StepRotary {
     /// Rotates the first `rotary_dim` dims of every head of `x`, `(tokens, heads, head_dim)`;
     /// the rest pass through.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, heads, head_dim) = x.dims3()?;
-        // rope_i wants (b, h, t, d): b = tokens, t = 1.
-        let x4 = x.reshape((n, heads, 1, head_dim))?;
+        let (n, _, head_dim) = x.dims3()?;
+        let half = self.rotary_dim / 2;
+        let (cos, sin) = (self.cos.reshape((n, half))?, self.sin.reshape((n, half))?);
         let rot = self.rotary_dim;
         if rot == head_dim {
-            let y = candle_nn::rotary_emb::rope_i(&x4, &self.cos, &self.sin)?;
-            return Ok(y.reshape((n, heads, head_dim))?);
+            return rope_interleaved(x, &cos, &sin);
         }
-        let rotated = candle_nn::rotary_emb::rope_i(
-            &x4.narrow(D::Minus1, 0, rot)?.contiguous()?,
-            &self.cos,
-            &self.sin,
-        )?;
-        let pass = x4.narrow(D::Minus1, rot, head_dim - rot)?;
-        Ok(Tensor::cat(&[rotated, pass], D::Minus1)?.reshape((n, heads, head_dim))?)
+        let rotated = rope_interleaved(&x.narrow(D::Minus1, 0, rot)?, &cos, &sin)?;
+        let pass = x.narrow(D::Minus1, rot, head_dim - rot)?;
+        Ok(Tensor::cat(&[rotated, pass], D::Minus1)?)
     }
 }
 

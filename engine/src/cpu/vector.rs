@@ -76,6 +76,84 @@ fn add3_one(x: bf16, a: bf16, m: bf16) -> bf16 {
     bf16::from_f32(xa.to_f32() + m.to_f32())
 }
 
+/// GPT-J's interleaved rotary embedding of one head's `2 * cos.len()` values, as candle's
+/// `rope_i` computes it in `T`: for each pair `(a, b)` with angle `(c, s)`,
+/// `(a c - b s, a s + b c)`, every product and sum rounded to `T` (for bf16, as half's
+/// arithmetic rounds each operation). `x` and `out` are `2 * cos.len()` long, `sin` as long as
+/// `cos`.
+pub(crate) fn rope_pairs<T: RopeElem>(x: &[T], cos: &[T], sin: &[T], out: &mut [T]) {
+    assert!(
+        x.len() == 2 * cos.len() && sin.len() == cos.len() && out.len() == x.len(),
+        "rope_pairs: lengths do not match"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if *AVX2 {
+        // SAFETY: as in `widen_f16`.
+        return unsafe { T::rope_avx2(x, cos, sin, out) };
+    }
+    rope_scalar(x, cos, sin, out);
+}
+
+fn rope_scalar<T: RopeElem>(x: &[T], cos: &[T], sin: &[T], out: &mut [T]) {
+    for (((o, x), &c), &s) in out
+        .chunks_exact_mut(2)
+        .zip(x.chunks_exact(2))
+        .zip(cos)
+        .zip(sin)
+    {
+        let (a, b) = (x[0], x[1]);
+        o[0] = T::sub(T::mul(a, c), T::mul(b, s));
+        o[1] = T::add(T::mul(a, s), T::mul(b, c));
+    }
+}
+
+/// The element types [`rope_pairs`] takes: f32 and bf16, each with its own rounding.
+pub(crate) trait RopeElem: Copy {
+    fn mul(a: Self, b: Self) -> Self;
+    fn add(a: Self, b: Self) -> Self;
+    fn sub(a: Self, b: Self) -> Self;
+    /// The AVX2 version.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the lengths are as `rope_pairs` checks.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rope_avx2(x: &[Self], cos: &[Self], sin: &[Self], out: &mut [Self]);
+}
+
+impl RopeElem for f32 {
+    fn mul(a: Self, b: Self) -> Self {
+        a * b
+    }
+    fn add(a: Self, b: Self) -> Self {
+        a + b
+    }
+    fn sub(a: Self, b: Self) -> Self {
+        a - b
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rope_avx2(x: &[Self], cos: &[Self], sin: &[Self], out: &mut [Self]) {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::rope_f32(x, cos, sin, out) }
+    }
+}
+
+impl RopeElem for bf16 {
+    fn mul(a: Self, b: Self) -> Self {
+        a * b
+    }
+    fn add(a: Self, b: Self) -> Self {
+        a + b
+    }
+    fn sub(a: Self, b: Self) -> Self {
+        a - b
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rope_avx2(x: &[Self], cos: &[Self], sin: &[Self], out: &mut [Self]) {
+        // SAFETY: forwarded from the caller.
+        unsafe { x86::rope_bf16(x, cos, sin, out) }
+    }
+}
+
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if *AVX2 {
@@ -222,6 +300,91 @@ mod x86 {
         }
     }
 
+    /// `[c0, c0, c1, c1, c2, c2, c3, c3]` from four f32.
+    #[target_feature(enable = "avx2")]
+    fn pairs_of(c: __m128) -> __m256 {
+        _mm256_set_m128(_mm_unpackhi_ps(c, c), _mm_unpacklo_ps(c, c))
+    }
+
+    /// Minus on the even lanes (the first of each pair), for `a c - b s` beside `a s + b c`.
+    #[target_feature(enable = "avx2")]
+    fn minus_even() -> __m256 {
+        _mm256_castsi256_ps(_mm256_setr_epi32(
+            i32::MIN,
+            0,
+            i32::MIN,
+            0,
+            i32::MIN,
+            0,
+            i32::MIN,
+            0,
+        ))
+    }
+
+    /// Four pairs at once: `x * [c c]` and `swap(x) * [s s]`, the second negated on the
+    /// even lanes, added: `(a c - b s, b c + a s)` (the adds commute exactly). The products
+    /// and the sum each pass through `round` (bf16's rounding, or nothing for f32).
+    #[target_feature(enable = "avx2")]
+    fn rope4(x: __m256, c: __m128, s: __m128, round: impl Fn(__m256) -> __m256) -> __m256 {
+        let swapped = _mm256_permute_ps::<0b10_11_00_01>(x);
+        let p = round(_mm256_mul_ps(x, pairs_of(c)));
+        let q = round(_mm256_mul_ps(swapped, pairs_of(s)));
+        round(_mm256_add_ps(p, _mm256_xor_ps(q, minus_even())))
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; `x`, `out` are `2 * cos.len()` long and `sin` as long as `cos`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rope_f32(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+        let half = cos.len();
+        let mut j = 0;
+        while j + 4 <= half {
+            // SAFETY: pairs `j..j + 4` are inside `x` and `out` (8 values from `2 j`) and
+            // `cos`, `sin` (4 values from `j`).
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(2 * j));
+                let c = _mm_loadu_ps(cos.as_ptr().add(j));
+                let s = _mm_loadu_ps(sin.as_ptr().add(j));
+                _mm256_storeu_ps(out.as_mut_ptr().add(2 * j), rope4(xv, c, s, |v| v));
+            }
+            j += 4;
+        }
+        super::rope_scalar(&x[2 * j..], &cos[j..], &sin[j..], &mut out[2 * j..]);
+    }
+
+    /// # Safety
+    /// As `rope_f32`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rope_bf16(x: &[bf16], cos: &[bf16], sin: &[bf16], out: &mut [bf16]) {
+        let half = cos.len();
+        let round = |v: __m256| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(round_to_bf16(_mm256_castps_si256(
+                v,
+            ))))
+        };
+        // Four bf16 (8 bytes) widened to f32.
+        let load4 = |p: *const bf16| {
+            // SAFETY: the callers below pass 4 readable bf16.
+            let h = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+            _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(h)))
+        };
+        let mut j = 0;
+        while j + 4 <= half {
+            // SAFETY: as in `rope_f32`.
+            unsafe {
+                let xv = load_bf16x8(x.as_ptr().add(2 * j));
+                let (c, s) = (load4(cos.as_ptr().add(j)), load4(sin.as_ptr().add(j)));
+                let r = rope4(xv, c, s, round);
+                store_bf16x8(
+                    out.as_mut_ptr().add(2 * j),
+                    _mm256_srli_epi32::<16>(_mm256_castps_si256(r)),
+                );
+            }
+            j += 4;
+        }
+        super::rope_scalar(&x[2 * j..], &cos[j..], &sin[j..], &mut out[2 * j..]);
+    }
+
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
@@ -330,6 +493,30 @@ mod tests {
     /// Rounding to bf16 gives `bf16::from_f32`'s bits for ties (both ways), values just
     /// above and below them, overflow to infinity, infinities, signed zeros, subnormals and
     /// NaNs (signalling and quiet, both signs), at lengths with and without a tail.
+    /// The vector rotary gives the scalar one's bits (candle's `rope_i` arithmetic) in f32
+    /// and bf16, with and without a tail of fewer than 4 pairs.
+    #[test]
+    fn rope_pairs_match_the_scalar_arithmetic() {
+        for half in [32, 7, 3] {
+            let x = values(2 * half);
+            let cos: Vec<f32> = (0..half).map(|j| (j as f32 * 0.37).cos()).collect();
+            let sin: Vec<f32> = (0..half).map(|j| (j as f32 * 0.37).sin()).collect();
+            let mut got = vec![0f32; 2 * half];
+            let mut want = vec![0f32; 2 * half];
+            rope_pairs(&x, &cos, &sin, &mut got);
+            rope_scalar(&x, &cos, &sin, &mut want);
+            assert_eq!(got, want, "f32, {half} pairs");
+            let b = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+            let (xb, cb, sb) = (b(&x), b(&cos), b(&sin));
+            let mut got = vec![bf16::ZERO; 2 * half];
+            let mut want = vec![bf16::ZERO; 2 * half];
+            rope_pairs(&xb, &cb, &sb, &mut got);
+            rope_scalar(&xb, &cb, &sb, &mut want);
+            let bits = |v: &[bf16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "bf16, {half} pairs");
+        }
+    }
+
     #[test]
     fn add3_bf16_is_two_rounded_adds() {
         let v = values(45);
