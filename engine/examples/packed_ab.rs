@@ -1,9 +1,9 @@
 //! Throughput of the packed AVX-512 products (`linear/packed.rs`) against candle's CPU matmul (f32
-//! gemm, and QMatMul for q8_0) on the `small` shape's largest matrix (fc_in, 768 -> 3072) at
+//! and bf16 gemm, and QMatMul for q8_0) on the `small` shape's largest matrix (fc_in, 768 -> 3072) at
 //! batch 1 and 64, with the machine's peak for scale. Run on a quiet machine:
 //! `cargo run --release -p gptj-engine --example packed_ab`
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use gptj_engine::bench::packed_linear_for_bench;
 use gptj_engine::Precision;
 use std::time::Instant;
@@ -32,20 +32,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let qmm = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
     println!("| product | rows | candle (ms) | packed (ms) | speed-up | packed GMAC/s |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for precision in [Precision::F32, Precision::Q8_0] {
+    for precision in [Precision::F32, Precision::Bf16, Precision::Q8_0] {
         let Some(packed) = packed_linear_for_bench(&w, precision)? else {
             println!("no AVX-512 VNNI here: nothing to compare");
             return Ok(());
         };
+        // bf16 layers take bf16 activations (on the AMX tile unit where the CPU has one);
+        // candle's side is then its bf16 matmul.
+        let dtype = precision.activation_dtype(DType::F32);
+        let wd = w.to_dtype(dtype)?;
         for m in [1usize, 64] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
             let calls = if m == 1 { 200 } else { 20 };
             let theirs = match precision {
                 Precision::Q8_0 => time(calls, || Ok(qmm.forward(&x)?))?,
                 _ => {
                     let x2 = Tensor::cat(&[&x, &x], 0)?;
                     let x = if m == 1 { &x2 } else { &x };
-                    time(calls, || Ok(x.matmul(&w.t()?)?))?
+                    time(calls, || Ok(x.matmul(&wd.t()?)?))?
                 }
             };
             let ours = time(calls, || Ok(packed(&x)?))?;
