@@ -4,7 +4,7 @@
 //!
 //! | where | precision | kernel |
 //! | --- | --- | --- |
-//! | CPU with AVX-512 VNNI | all | `packed`: weights repacked into 16-column panels, own AVX-512 kernels, activation fused |
+//! | CPU with AVX-512 VNNI | all | `packed`: weights repacked into 16-column panels, own AVX-512 kernels, activation fused; bf16 on the AMX tile unit where the CPU has AMX-BF16 |
 //! | CPU with AVX2, FMA and F16C | all | `packed`, its AVX2 kernels (the same panels) |
 //! | other CPUs | q8_0 | candle's `QMatMul` |
 //! | other CPUs | bf16 | `streaming`: gptj's AVX2 streaming product (candle 0.11 has no bf16 gemm on CPU) |

@@ -14,6 +14,8 @@
 //! - bf16 weights, where the CPU has AVX-512 BF16 and `in` is even, as pairs
 //!   `[column group][k / 2][16][2]`: the kernel broadcasts a pair of bf16 inputs and one
 //!   `vdpbf16ps` adds both products into 16 outputs (the same tile, the inputs not widened);
+//!   where the CPU also has AMX-BF16 and `in` is a multiple of 32, the same panels go to the
+//!   tile unit (`amx.rs`), which multiplies 16 rows by 32 inputs of a group per instruction;
 //! - q8_0 weights as `[column group][block of 32][8 quads][16 columns][4 bytes]`, offset by
 //!   128 to unsigned bytes, with one f16 scale per block and column: the kernel quantizes the
 //!   input rows to q8_0, and one `vpdpbusd` multiplies 4 input bytes into 16 outputs' exact
