@@ -98,8 +98,8 @@ struct RotaryEmbedding {
     rotary_dim: usize,
 }
 
-/// The rotary tables gathered for one step's tokens: `(tokens, 1, rotary_dim / 2)`, the
-/// per-batch form of `rope_i` with one "batch" per token.
+/// The rotary tables gathered for one step's tokens: `(tokens, rotary_dim / 2)`, a row per
+/// token at its own position.
 struct StepRotary {
     cos: Tensor,
     sin: Tensor,
@@ -128,11 +128,9 @@ impl RotaryEmbedding {
 
     /// The tables at each token's own position.
     fn at(&self, positions: &Tensor) -> Result<StepRotary> {
-        let n = positions.dim(0)?;
-        let half = self.rotary_dim / 2;
         Ok(StepRotary {
-            cos: self.cos.index_select(positions, 0)?.reshape((n, 1, half))?,
-            sin: self.sin.index_select(positions, 0)?.reshape((n, 1, half))?,
+            cos: self.cos.index_select(positions, 0)?,
+            sin: self.sin.index_select(positions, 0)?,
             rotary_dim: self.rotary_dim,
         })
     }
@@ -142,14 +140,12 @@ impl StepRotary {
     /// Rotates the first `rotary_dim` dims of every head of `x`, `(tokens, heads, head_dim)`;
     /// the rest pass through.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, _, head_dim) = x.dims3()?;
-        let half = self.rotary_dim / 2;
-        let (cos, sin) = (self.cos.reshape((n, half))?, self.sin.reshape((n, half))?);
-        let rot = self.rotary_dim;
+        let head_dim = x.dim(D::Minus1)?;
+        let (rot, cos, sin) = (self.rotary_dim, &self.cos, &self.sin);
         if rot == head_dim {
-            return rope_interleaved(x, &cos, &sin);
+            return rope_interleaved(x, cos, sin);
         }
-        let rotated = rope_interleaved(&x.narrow(D::Minus1, 0, rot)?, &cos, &sin)?;
+        let rotated = rope_interleaved(&x.narrow(D::Minus1, 0, rot)?, cos, sin)?;
         let pass = x.narrow(D::Minus1, rot, head_dim - rot)?;
         Ok(Tensor::cat(&[rotated, pass], D::Minus1)?)
     }

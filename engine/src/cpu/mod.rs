@@ -1,8 +1,8 @@
 //! What the CPU kernels share, and nothing else: the proofs that this CPU has the AVX-512 or
 //! AVX2 features the kernels are compiled for ([`Avx512`], [`Avx2`], and [`Isa`], the best of
-//! them, with the extras [`Bf16Dot`] and [`Amx`] on top of AVX-512), the lane width, the element types that
-//! are stored narrow and computed in f32 ([`Elem`]), an output buffer that threads write in
-//! disjoint parts ([`SharedOut`]), and small vector helpers ([`vector`]).
+//! them, with the extras [`Bf16Dot`] and [`Amx`] on top of AVX-512), the lane width, the
+//! element types that are stored narrow and computed in f32 ([`Elem`]), an output buffer that
+//! threads write in disjoint parts ([`SharedOut`]), and small vector helpers ([`vector`]).
 //!
 //! A leaf: it imports nothing else from the engine, and both `linear` and `attention` build
 //! on it.
