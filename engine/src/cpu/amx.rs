@@ -24,11 +24,6 @@ pub(crate) struct Amx {
     _detected: (),
 }
 
-/// `arch_prctl` code to request permission for an extended state component.
-const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-/// The extended state component of the tile data (XSAVE feature 18).
-const XFEATURE_XTILEDATA: libc::c_long = 18;
-
 impl Avx512 {
     /// The AMX token where the CPU has AMX-TILE and AMX-BF16 and the kernel grants the tile
     /// state (asked once per process), else `None`.
@@ -44,19 +39,34 @@ impl Avx512 {
             #[allow(unused_unsafe)]
             let leaf = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
             let (tile, bf16) = (leaf.edx >> 24 & 1 == 1, leaf.edx >> 22 & 1 == 1);
-            // SAFETY: a plain system call with integer arguments; it changes only whether this
-            // process may use the tile state, and fails (non-zero) where the kernel has no AMX.
-            tile && bf16
-                && unsafe {
-                    libc::syscall(
-                        libc::SYS_arch_prctl,
-                        ARCH_REQ_XCOMP_PERM,
-                        XFEATURE_XTILEDATA,
-                    )
-                } == 0
+            tile && bf16 && tile_state_granted()
         });
         GRANTED.then_some(Amx { _detected: () })
     }
+}
+
+/// Asks Linux for the tile state: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`.
+#[cfg(target_os = "linux")]
+fn tile_state_granted() -> bool {
+    /// `arch_prctl` code to request permission for an extended state component.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    /// The extended state component of the tile data (XSAVE feature 18).
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; it changes only whether this
+    // process may use the tile state, and fails (non-zero) where the kernel has no AMX.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+/// Elsewhere gptj does not ask, and does not use the tile unit.
+#[cfg(not(target_os = "linux"))]
+fn tile_state_granted() -> bool {
+    false
 }
 
 /// The 64-byte operand of `ldtilecfg`: palette 1, then the bytes per row and the rows of each
