@@ -29,6 +29,8 @@ pub mod precision;
 mod residual;
 mod rope;
 pub mod sampling;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 mod weights;
 

@@ -48,15 +48,15 @@ impl CustomOp3 for Add3 {
                 lm.shape()
             );
         }
-        let part = |s: &'_ CpuStorage, l: &Layout| -> candle_core::Result<Vec<bf16>> {
+        fn part<'s>(s: &'s CpuStorage, l: &Layout) -> candle_core::Result<&'s [bf16]> {
             let (CpuStorage::BF16(v), Some((start, end))) = (s, l.contiguous_offsets()) else {
                 candle_core::bail!("parallel residual: needs contiguous bf16 tensors");
             };
-            Ok(v[start..end].to_vec())
-        };
+            Ok(&v[start..end])
+        }
         let (xv, av, mv) = (part(x, lx)?, part(a, la)?, part(m, lm)?);
         let mut out = vec![bf16::ZERO; xv.len()];
-        vector::add3_bf16(&xv, &av, &mv, &mut out);
+        vector::add3_bf16(xv, av, mv, &mut out);
         Ok((CpuStorage::BF16(out), lx.shape().clone()))
     }
 }
@@ -64,6 +64,7 @@ impl CustomOp3 for Add3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
     use candle_core::Device;
 
     /// The fused sum is candle's two adds, bit for bit (on values whose sums are normal), and
@@ -87,15 +88,7 @@ mod tests {
             let (x, a, m) = (t(1.0), t(2.3), t(-0.7));
             let got = parallel_residual(&x, &a, &m).unwrap();
             let want = ((&x + &a).unwrap() + &m).unwrap();
-            let bits = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+            assert_eq!(values(&got), values(&want), "{dtype:?}");
         }
     }
 }

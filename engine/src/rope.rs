@@ -103,6 +103,7 @@ impl CustomOp3 for RopeInterleaved {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
     use candle_core::Device;
 
     /// The same bits as candle's `rope_i` with one position per batch entry, in f32 and bf16.
@@ -127,15 +128,7 @@ mod tests {
             .unwrap()
             .reshape((n, heads, d))
             .unwrap();
-            let bits = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+            assert_eq!(values(&got), values(&want), "{dtype:?}");
         }
     }
 }

@@ -102,54 +102,36 @@ fn rope_scalar<T: RopeElem>(x: &[T], cos: &[T], sin: &[T], out: &mut [T]) {
         .zip(sin)
     {
         let (a, b) = (x[0], x[1]);
-        o[0] = T::sub(T::mul(a, c), T::mul(b, s));
-        o[1] = T::add(T::mul(a, s), T::mul(b, c));
+        o[0] = a * c - b * s;
+        o[1] = a * s + b * c;
     }
 }
 
-/// The element types [`rope_pairs`] takes: f32 and bf16, each with its own rounding.
-pub(crate) trait RopeElem: Copy {
-    fn mul(a: Self, b: Self) -> Self;
-    fn add(a: Self, b: Self) -> Self;
-    fn sub(a: Self, b: Self) -> Self;
+/// The element types [`rope_pairs`] takes: f32 and bf16, each with its own arithmetic (half's
+/// for bf16 rounds every operation), and the AVX2 loop that computes the same bits.
+pub(crate) trait RopeElem:
+    Copy + std::ops::Mul<Output = Self> + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
+{
     /// The AVX2 version.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; the lengths are as `rope_pairs` checks.
+    /// The CPU has AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     unsafe fn rope_avx2(x: &[Self], cos: &[Self], sin: &[Self], out: &mut [Self]);
 }
 
 impl RopeElem for f32 {
-    fn mul(a: Self, b: Self) -> Self {
-        a * b
-    }
-    fn add(a: Self, b: Self) -> Self {
-        a + b
-    }
-    fn sub(a: Self, b: Self) -> Self {
-        a - b
-    }
     #[cfg(target_arch = "x86_64")]
     unsafe fn rope_avx2(x: &[Self], cos: &[Self], sin: &[Self], out: &mut [Self]) {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the CPU has the features (the caller's promise).
         unsafe { x86::rope_f32(x, cos, sin, out) }
     }
 }
 
 impl RopeElem for bf16 {
-    fn mul(a: Self, b: Self) -> Self {
-        a * b
-    }
-    fn add(a: Self, b: Self) -> Self {
-        a + b
-    }
-    fn sub(a: Self, b: Self) -> Self {
-        a - b
-    }
     #[cfg(target_arch = "x86_64")]
     unsafe fn rope_avx2(x: &[Self], cos: &[Self], sin: &[Self], out: &mut [Self]) {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the CPU has the features (the caller's promise).
         unsafe { x86::rope_bf16(x, cos, sin, out) }
     }
 }
@@ -332,15 +314,14 @@ mod x86 {
         round(_mm256_add_ps(p, _mm256_xor_ps(q, minus_even())))
     }
 
-    /// # Safety
-    /// The CPU has AVX2; `x`, `out` are `2 * cos.len()` long and `sin` as long as `cos`.
+    /// Pairs past the shortest of the four slices are left alone, as in the helpers above.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rope_f32(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
-        let half = cos.len();
+    pub(super) fn rope_f32(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+        let half = pairs_in(x.len(), cos.len(), sin.len(), out.len());
         let mut j = 0;
         while j + 4 <= half {
-            // SAFETY: pairs `j..j + 4` are inside `x` and `out` (8 values from `2 j`) and
-            // `cos`, `sin` (4 values from `j`).
+            // SAFETY: `j + 4 <= half`, which every slice holds: pairs `j..j + 4` are inside `x`
+            // and `out` (8 values from `2 j`) and `cos`, `sin` (4 values from `j`).
             unsafe {
                 let xv = _mm256_loadu_ps(x.as_ptr().add(2 * j));
                 let c = _mm_loadu_ps(cos.as_ptr().add(j));
@@ -349,14 +330,13 @@ mod x86 {
             }
             j += 4;
         }
-        super::rope_scalar(&x[2 * j..], &cos[j..], &sin[j..], &mut out[2 * j..]);
+        super::rope_scalar(&x[2 * j..], &cos[j..half], &sin[j..half], &mut out[2 * j..]);
     }
 
-    /// # Safety
     /// As `rope_f32`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rope_bf16(x: &[bf16], cos: &[bf16], sin: &[bf16], out: &mut [bf16]) {
-        let half = cos.len();
+    pub(super) fn rope_bf16(x: &[bf16], cos: &[bf16], sin: &[bf16], out: &mut [bf16]) {
+        let half = pairs_in(x.len(), cos.len(), sin.len(), out.len());
         let round = |v: __m256| {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(round_to_bf16(_mm256_castps_si256(
                 v,
@@ -382,7 +362,12 @@ mod x86 {
             }
             j += 4;
         }
-        super::rope_scalar(&x[2 * j..], &cos[j..], &sin[j..], &mut out[2 * j..]);
+        super::rope_scalar(&x[2 * j..], &cos[j..half], &sin[j..half], &mut out[2 * j..]);
+    }
+
+    /// The pairs all four slices of a rotary call hold.
+    fn pairs_in(x: usize, cos: usize, sin: usize, out: usize) -> usize {
+        (x / 2).min(out / 2).min(cos).min(sin)
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -701,6 +701,7 @@ impl CustomOp1 for PackedProduct<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
     use candle_core::Device;
 
     /// The panels put weight `(n, k)` where the float kernel reads output `n`'s input `k`:
@@ -831,15 +832,6 @@ mod tests {
             None => y,
         };
         y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
     }
 
     /// Every instruction set's quantizer gives q8_0's definition, computed here in plain
