@@ -349,3 +349,93 @@ pub fn packed_linear_for_bench(
     let _ = (weight, precision);
     Ok(None::<fn(&candle_core::Tensor) -> crate::Result<candle_core::Tensor>>)
 }
+
+/// One paged-attention timing (`attention_timing`): a decode step of `batch` sequences, each
+/// attending over `context` positions of an f16 cache with `small`'s geometry (12 heads of
+/// 64, blocks of 16).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionRow {
+    pub batch: usize,
+    pub context: usize,
+    /// Per layer, the fastest and the median of the rounds.
+    pub min_ms: f64,
+    pub median_ms: f64,
+    /// The K and V bytes one layer reads.
+    pub bytes: usize,
+}
+
+/// Times paged attention alone (the op the model calls, on the kernel `GPTJ_CPU_KERNELS`
+/// picks) for each `(batch, context)`: one decode token per sequence over `layers` separate
+/// caches, so that one round reads more than a last-level cache holds, `rounds` rounds.
+/// The cache is filled with values first (never-written memory would all map to one zero
+/// page and stay in cache).
+#[doc(hidden)]
+pub fn attention_timing(
+    cases: &[(usize, usize)],
+    layers: usize,
+    rounds: usize,
+) -> crate::Result<Vec<AttentionRow>> {
+    use candle_core::{DType, Device, Tensor};
+    let (heads, dim, block_size) = (12usize, 64usize, 16usize);
+    let width = heads * dim;
+    let mut rows = Vec::new();
+    for &(batch, context) in cases {
+        let per_seq = context.div_ceil(block_size);
+        let num_blocks = batch * per_seq;
+        let caches = (0..layers)
+            .map(|l| {
+                let n = 2 * num_blocks * block_size * width;
+                let values: Vec<f32> = (0..n)
+                    .map(|i| ((i * 7919 + l) % 1000) as f32 / 1000.0 - 0.5)
+                    .collect();
+                Tensor::from_vec(
+                    values,
+                    (2, num_blocks, block_size, heads, dim),
+                    &Device::Cpu,
+                )?
+                .to_dtype(DType::F16)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let q_values: Vec<f32> = (0..batch * width)
+            .map(|i| ((i * 31) % 97) as f32 / 97.0)
+            .collect();
+        let q = Tensor::from_vec(q_values, (batch, heads, dim), &Device::Cpu)?;
+        let tables: Vec<Vec<BlockId>> = (0..batch)
+            .map(|s| {
+                (0..per_seq)
+                    .map(|b| BlockId((s * per_seq + b) as u32))
+                    .collect()
+            })
+            .collect();
+        let tokens = vec![0u32; batch];
+        let chunks: Vec<SeqChunk<'_>> = tables
+            .iter()
+            .enumerate()
+            .map(|(s, table)| SeqChunk {
+                tokens: &tokens[s..s + 1],
+                start_pos: context - 1,
+                block_table: table,
+                logits: LogitRows::Last,
+            })
+            .collect();
+        let step = crate::paged::StepLayout::new(&chunks, block_size, num_blocks, context)?;
+        let scale = 1.0 / (dim as f32).sqrt();
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds.max(1) {
+            let started = Instant::now();
+            for cache in &caches {
+                std::hint::black_box(crate::attention::paged_attention(&q, cache, &step, scale)?);
+            }
+            times.push(started.elapsed().as_secs_f64() * 1e3 / layers as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        rows.push(AttentionRow {
+            batch,
+            context,
+            min_ms: times[0],
+            median_ms: times[times.len() / 2],
+            bytes: batch * context * width * 2 * DType::F16.size_in_bytes(),
+        });
+    }
+    Ok(rows)
+}
