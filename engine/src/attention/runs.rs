@@ -93,7 +93,6 @@ pub(super) const PREFETCH_AHEAD: usize = 8;
 /// Asks the cache hierarchy for the `bytes` from `p` (a run of heads in a slot): one
 /// prefetch per 64-byte line. A hint: it never faults and changes no result, and `p` is only
 /// computed with wrapping arithmetic, never dereferenced.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn prefetch_run(p: *const u8, bytes: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
