@@ -380,6 +380,11 @@ pub fn attention_timing(
     let width = heads * dim;
     let mut rows = Vec::new();
     for &(batch, context) in cases {
+        if batch == 0 || context == 0 {
+            return Err(crate::EngineError::InvalidInput(format!(
+                "attention timing: batch {batch} x context {context}: both must be at least 1"
+            )));
+        }
         let per_seq = context.div_ceil(block_size);
         let num_blocks = batch * per_seq;
         let caches = (0..layers)

@@ -120,12 +120,9 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
     }
     inv.resize(heads, 0.0);
     let scale_v = _mm256_set1_ps(scale);
-    let run_bytes = heads * dim * std::mem::size_of::<T>();
     for (g, group) in offsets.chunks(LANES8).enumerate() {
         for (s, &off) in group.iter().enumerate() {
-            if let Some(&ahead) = offsets.get(g * LANES8 + s + runs::PREFETCH_AHEAD) {
-                runs::prefetch_run(k.as_ptr().wrapping_add(ahead) as *const u8, run_bytes);
-            }
+            runs::prefetch_ahead(k, offsets, g * LANES8 + s, heads * dim);
             // SAFETY: `off + heads * dim` is within `k` (the caller's promise); `parts` holds
             // `heads * 8` vectors, `s < 8`.
             unsafe {
@@ -197,9 +194,7 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
     out.fill(0.0);
     let o = out.as_mut_ptr();
     for (p, &off) in offsets.iter().enumerate() {
-        if let Some(&ahead) = offsets.get(p + runs::PREFETCH_AHEAD) {
-            runs::prefetch_run(v.as_ptr().wrapping_add(ahead) as *const u8, run_bytes);
-        }
+        runs::prefetch_ahead(v, offsets, p, heads * dim);
         // SAFETY: `off + heads * dim` is within `v` and `out` holds `heads * dim` values (the
         // caller's promise); `h * padded + p < heads * padded`.
         unsafe {

@@ -82,7 +82,7 @@ pub(super) unsafe fn attend<T: Elem, Q: Elem>(
     out
 }
 
-/// Positions ahead of the one being read whose run of heads `prefetch_run` asks for. A run
+/// Positions ahead of the one being read whose run of heads `prefetch_ahead` asks for. A run
 /// of fewer heads than a slot holds (small batches cut each token's heads into runs, see
 /// `attend`) reads a piece of every slot, a slot's width apart: a stride the hardware
 /// prefetchers did not follow on the AVX2 VM (2026-12-03), where one head's walk over 1,024
@@ -90,22 +90,27 @@ pub(super) unsafe fn attend<T: Elem, Q: Elem>(
 /// same there.
 pub(super) const PREFETCH_AHEAD: usize = 8;
 
-/// Asks the cache hierarchy for the `bytes` from `p` (a run of heads in a slot): one
-/// prefetch per 64-byte line. A hint: it never faults and changes no result, and `p` is only
-/// computed with wrapping arithmetic, never dereferenced.
+/// Asks the cache hierarchy for the run of `len` elements of `half` at position `p +
+/// PREFETCH_AHEAD` (through `offsets`, the kernel's offset of each position), if the context
+/// goes that far: one prefetch per 64-byte line. A hint: it never faults and changes no
+/// result, and the address is only computed with wrapping arithmetic, never dereferenced.
 #[inline(always)]
-pub(super) fn prefetch_run(p: *const u8, bytes: usize) {
+pub(super) fn prefetch_ahead<T>(half: &[T], offsets: &[usize], p: usize, len: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     const LINE: usize = 64;
-    if bytes == 0 {
+    let Some(&ahead) = offsets.get(p + PREFETCH_AHEAD) else {
+        return;
+    };
+    if len == 0 {
         return;
     }
-    let first = p as usize / LINE;
-    let last = (p as usize + bytes - 1) / LINE;
+    let start = half.as_ptr().wrapping_add(ahead) as *const u8;
+    let first = start as usize / LINE;
+    let last = (start as usize + len * std::mem::size_of::<T>() - 1) / LINE;
     for line in 0..=last - first {
         // SAFETY: a prefetch reads nothing the program sees and cannot fault, whatever the
         // address; SSE, which it needs, is part of x86_64.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * LINE) as *const i8) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line * LINE) as *const i8) };
     }
 }
 
