@@ -4,12 +4,13 @@
 //!
 //! ```text
 //! cargo bench --bench decode -- [--shape tiny|small|6b] [--precisions f32,f16,bf16,q8_0]
-//!     [--batches 1,8,32] [--context 128] [--steps 8] [--json out.json]
+//!     [--batches 1,8,32] [--context 128] [--steps 8] [--kv-cache-dtype auto|f16|int8|...]
+//!     [--json out.json]
 //! ```
 //! Benchmark on a quiet machine: any other busy process slows a 2-thread run 10-40x.
 
 use gptj_engine::bench::{cpu_memory_bandwidth, markdown_table, DecodeBench};
-use gptj_engine::{Builtin, DeviceKind, Precision};
+use gptj_engine::{Builtin, DeviceKind, KvCacheDtype, Precision};
 
 fn parse_args() -> Result<(DecodeBench, Option<String>), String> {
     let mut bench = DecodeBench {
@@ -23,6 +24,7 @@ fn parse_args() -> Result<(DecodeBench, Option<String>), String> {
         batches: vec![1, 8, 32],
         context: 128,
         steps: 8,
+        kv_cache: KvCacheDtype::Auto,
         device: DeviceKind::Cpu,
     };
     let mut json = None;
@@ -54,6 +56,7 @@ fn parse_args() -> Result<(DecodeBench, Option<String>), String> {
                 bench.context = value()?.parse().map_err(|e| format!("--context: {e}"))?
             }
             "--steps" => bench.steps = value()?.parse().map_err(|e| format!("--steps: {e}"))?,
+            "--kv-cache-dtype" => bench.kv_cache = value()?.parse()?,
             "--json" => json = Some(value()?),
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown argument {other}")),
@@ -77,8 +80,8 @@ fn main() {
     );
     let rows = bench.run();
     println!(
-        "\nshape `{:?}`, context {} tokens, median of {} decode steps, memory {gbps:.1} GB/s\n",
-        bench.shape, bench.context, bench.steps
+        "\nshape `{:?}`, context {} tokens, KV cache {}, median of {} decode steps, memory {gbps:.1} GB/s\n",
+        bench.shape, bench.context, bench.kv_cache, bench.steps
     );
     print!("{}", markdown_table(&rows, gbps));
     #[cfg(target_arch = "x86_64")]

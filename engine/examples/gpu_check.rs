@@ -244,6 +244,7 @@ fn main() {
                 batches,
                 context: 512,
                 steps: 8,
+                kv_cache: gptj_engine::KvCacheDtype::Auto,
                 device,
             };
             let rows = b.run();

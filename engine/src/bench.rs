@@ -27,6 +27,8 @@ pub struct DecodeBench {
     pub context: usize,
     /// Timed decode steps per batch size (the median is reported).
     pub steps: usize,
+    /// The KV cache's format (`--kv-cache-dtype`).
+    pub kv_cache: crate::KvCacheDtype,
     /// Where to run.
     pub device: DeviceKind,
 }
@@ -150,11 +152,17 @@ impl DecodeBench {
         let blocks_per_seq = (self.context + self.steps + 1).div_ceil(block_size);
         let max_batch = self.batches.iter().copied().max().unwrap_or(1);
         let act = precision.activation_dtype(candle_core::DType::F32);
-        let kv_dtype = crate::KvCacheDtype::Auto.resolve(precision, act);
-        let per_block =
-            KvPool::bytes_per_block(config.n_layer, config.n_embd, block_size, kv_dtype) as u64;
+        let kv_format = self.kv_cache.resolve(precision, act);
+        let per_block = KvPool::bytes_per_block(
+            config.n_layer,
+            config.n_head,
+            config.head_dim(),
+            block_size,
+            kv_format,
+        ) as u64;
         let opts = EngineOptions {
             precision,
+            kv_cache_dtype: self.kv_cache,
             device: self.device,
             block_size,
             kv_cache_memory: Some(per_block * (max_batch * blocks_per_seq + 1) as u64),
@@ -164,8 +172,9 @@ impl DecodeBench {
         let mut engine = Engine::load(&ModelSpec::Builtin(self.shape), &opts)?;
         engine.warm_up()?;
         eprintln!(
-            "loaded {} in {precision} in {:.1}s",
+            "loaded {} in {precision} ({} KV cache) in {:.1}s",
             engine.description(),
+            engine.kv_cache_format(),
             started.elapsed().as_secs_f32()
         );
         let mut rows = Vec::new();

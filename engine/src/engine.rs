@@ -11,7 +11,7 @@ use crate::config::GptjConfig;
 use crate::error::{EngineError, Result};
 use crate::model::GptjModel;
 use crate::paged::{KvPool, StepLayout};
-use crate::precision::{KvCacheDtype, Precision};
+use crate::precision::{KvCacheDtype, KvFormat, Precision};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
 
@@ -254,10 +254,14 @@ impl Engine {
         };
         let started = std::time::Instant::now();
         let model = GptjModel::load(config, source, opts.precision, opts.kv_cache_dtype, &device)?;
-        let dtype = model.kv_dtype();
-        let per_block =
-            KvPool::bytes_per_block(config.n_layer, config.n_embd, opts.block_size.max(1), dtype)
-                as u64;
+        let kv_format = model.kv_format();
+        let per_block = KvPool::bytes_per_block(
+            config.n_layer,
+            config.n_head,
+            config.head_dim(),
+            opts.block_size.max(1),
+            kv_format,
+        ) as u64;
         let num_blocks = match opts.kv_cache_memory {
             Some(bytes) => (bytes / per_block) as usize,
             None => match free_device_memory(&device) {
@@ -284,7 +288,7 @@ impl Engine {
             config.head_dim(),
             num_blocks,
             opts.block_size,
-            dtype,
+            kv_format,
             &device,
         )?;
         // Loading's buffers are gone; from here on the heap serves the steps'.
@@ -293,7 +297,7 @@ impl Engine {
             model = %description,
             precision = %opts.precision,
             activations = ?model.activation_dtype(),
-            kv_dtype = ?dtype,
+            kv_cache = %kv_format,
             kv_blocks = num_blocks,
             block_size = opts.block_size,
             kv_bytes = num_blocks as u64 * per_block,
@@ -376,9 +380,9 @@ impl Engine {
         self.model.activation_dtype()
     }
 
-    /// dtype of the KV cache (see [`KvCacheDtype`]).
-    pub fn kv_cache_dtype(&self) -> candle_core::DType {
-        self.model.kv_dtype()
+    /// What the KV cache stores (`--kv-cache-dtype` resolved, see [`KvCacheDtype`]).
+    pub fn kv_cache_format(&self) -> KvFormat {
+        self.model.kv_format()
     }
 
     /// The tokenizer that goes with the weights.

@@ -40,6 +40,6 @@ pub use engine::{Builtin, DeviceKind, Engine, EngineOptions, ModelSpec};
 pub use error::{EngineError, Result};
 pub use logprobs::{token_logprob, TokenLogprob};
 pub use paged::KvPool;
-pub use precision::{KvCacheDtype, Precision};
+pub use precision::{KvCacheDtype, KvFormat, Precision};
 pub use sampling::{Penalties, Sampler, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

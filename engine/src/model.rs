@@ -23,7 +23,7 @@ use crate::config::GptjConfig;
 use crate::error::{EngineError, Result};
 use crate::linear::{Activation, Linear};
 use crate::paged::{KvPool, StepLayout};
-use crate::precision::{KvCacheDtype, Precision};
+use crate::precision::{KvCacheDtype, KvFormat, Precision};
 use crate::residual::parallel_residual;
 use crate::rope::rope_interleaved;
 use crate::weights::WeightSource;
@@ -274,7 +274,7 @@ pub struct GptjModel {
     lm_head: Linear,
     rotary: RotaryEmbedding,
     act_dtype: DType,
-    kv_dtype: DType,
+    kv_format: KvFormat,
     device: Device,
 }
 
@@ -288,7 +288,12 @@ impl GptjModel {
         device: &Device,
     ) -> Result<Self> {
         let act = precision.activation_dtype(source.native_dtype()?);
-        let kv_dtype = kv_cache.resolve(precision, act);
+        let kv_format = kv_cache.resolve(precision, act);
+        if kv_format == KvFormat::Int8 && !device.is_cpu() {
+            return Err(EngineError::InvalidInput(
+                "--kv-cache-dtype int8 has CPU kernels only: use f16 (or auto) on a GPU".into(),
+            ));
+        }
         let vb = Loader {
             source,
             precision,
@@ -320,7 +325,7 @@ impl GptjModel {
             lm_head: vb.linear("lm_head", v, e, true)?,
             rotary: RotaryEmbedding::new(config, act, device)?,
             act_dtype: act,
-            kv_dtype,
+            kv_format,
             device: device.clone(),
         })
     }
@@ -351,9 +356,9 @@ impl GptjModel {
         self.act_dtype
     }
 
-    /// dtype of the KV cache.
-    pub fn kv_dtype(&self) -> DType {
-        self.kv_dtype
+    /// What the KV cache stores.
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv_format
     }
 
     /// Runs the new tokens of a step. `step` says where each token lives in the cache,

@@ -1,8 +1,9 @@
 //! The paged KV cache: the pool ([`KvPool`]), and where a step's tokens live in it
 //! ([`StepLayout`]). The ops that write and read it are in `attention`.
 //!
-//! Layout of one layer's cache: a single tensor `(2, num_blocks, block_size, n_head, head_dim)`,
-//! K at index 0 and V at index 1. A step touches only the slots of its own tokens and the
+//! Layout of one layer's cache: a single tensor `(2, num_blocks, block_size, n_head, row)`, K
+//! at index 0 and V at index 1, where a row is one head's keys or values in the cache's
+//! [`KvFormat`] (`head_dim` floats, or for int8 `head_dim` bytes and their scale). A step touches only the slots of its own tokens and the
 //! blocks of its own rows: nothing copies or concatenates the pool, so a step's cost is
 //! independent of the pool's size.
 //!
@@ -16,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::batch::SeqChunk;
 use crate::error::{EngineError, Result};
+use crate::precision::KvFormat;
 
 /// Where every token of a ragged batch lives, computed once per step and shared by all layers.
 #[derive(Debug)]
@@ -46,22 +48,50 @@ pub(crate) struct CacheShape {
     pub(crate) block_size: usize,
     pub(crate) heads: usize,
     pub(crate) head_dim: usize,
+    /// Cache elements of one head's row: `format.row_len(head_dim)`.
+    pub(crate) row: usize,
+    pub(crate) format: KvFormat,
 }
 
 impl CacheShape {
+    /// The geometry of a cache of `format` (the dims of its tensor are `(2, num_blocks,
+    /// block_size, heads, format.row_len(head_dim))`).
+    #[cfg(test)]
+    pub(crate) fn new(
+        num_blocks: usize,
+        block_size: usize,
+        heads: usize,
+        head_dim: usize,
+        format: KvFormat,
+    ) -> Self {
+        Self {
+            num_blocks,
+            block_size,
+            heads,
+            head_dim,
+            row: format.row_len(head_dim),
+            format,
+        }
+    }
+
     /// Token slots in each of the K and V halves.
     pub(crate) fn slots(&self) -> usize {
         self.num_blocks * self.block_size
     }
 
-    /// Elements per slot: every head side by side.
+    /// Values per token of the activations: every head's `head_dim` side by side.
     pub(crate) fn width(&self) -> usize {
         self.heads * self.head_dim
     }
 
+    /// Cache elements per slot: every head's row side by side (`width()` for float caches).
+    pub(crate) fn slot_len(&self) -> usize {
+        self.heads * self.row
+    }
+
     /// Elements in each of the K and V halves.
     pub(crate) fn half_len(&self) -> usize {
-        self.slots() * self.width()
+        self.slots() * self.slot_len()
     }
 }
 
@@ -156,15 +186,25 @@ impl StepLayout {
         self.positions[t] as usize + 1
     }
 
-    /// Checks a cache tensor's dimensions against the pool this step was laid out for, and
-    /// returns its geometry. A kernel may read every slot of the step's block tables without
-    /// further checks only after this returned `Ok` for the tensor it reads: the block ids were
-    /// checked against `num_blocks` by [`StepLayout::new`], and this checks that the cache has
-    /// exactly that many blocks of `block_size` slots. O(1).
-    pub(crate) fn check_cache(&self, dims: &[usize]) -> Result<CacheShape> {
-        let &[2, num_blocks, block_size, heads, head_dim] = dims else {
+    /// Checks a cache tensor's dimensions and element type against the pool this step was laid
+    /// out for, and returns its geometry. A kernel may read every slot of the step's block
+    /// tables without further checks only after this returned `Ok` for the tensor it reads: the
+    /// block ids were checked against `num_blocks` by [`StepLayout::new`], and this checks that
+    /// the cache has exactly that many blocks of `block_size` slots. O(1).
+    pub(crate) fn check_cache(&self, dims: &[usize], dtype: DType) -> Result<CacheShape> {
+        let &[2, num_blocks, block_size, heads, row] = dims else {
             return Err(EngineError::InvalidInput(format!(
-                "a KV cache must be (2, blocks, block_size, heads, head_dim), got {dims:?}"
+                "a KV cache must be (2, blocks, block_size, heads, row), got {dims:?}"
+            )));
+        };
+        let Some(format) = KvFormat::from_storage(dtype) else {
+            return Err(EngineError::InvalidInput(format!(
+                "a KV cache of {dtype:?} elements: use f32, f16, bf16 or (int8) u8"
+            )));
+        };
+        let Some(head_dim) = format.head_dim(row).filter(|&d| d > 0) else {
+            return Err(EngineError::InvalidInput(format!(
+                "a {format} KV cache's rows of {row} elements hold no values"
             )));
         };
         if num_blocks != self.num_blocks || block_size != self.block_size {
@@ -179,6 +219,8 @@ impl StepLayout {
             block_size,
             heads,
             head_dim,
+            row,
+            format,
         })
     }
 
@@ -207,14 +249,15 @@ impl KvPool {
     /// Bytes one block costs across all layers (K and V).
     pub fn bytes_per_block(
         n_layer: usize,
-        n_embd: usize,
+        n_head: usize,
+        head_dim: usize,
         block_size: usize,
-        dtype: DType,
+        format: KvFormat,
     ) -> usize {
-        n_layer * 2 * block_size * n_embd * dtype.size_in_bytes()
+        n_layer * 2 * block_size * format.bytes_per_token(n_head, head_dim)
     }
 
-    /// Allocates the pool, zeroed.
+    /// Allocates the pool, zeroed (for int8, rows of zeros with a scale of zero).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         n_layer: usize,
@@ -222,7 +265,7 @@ impl KvPool {
         head_dim: usize,
         num_blocks: usize,
         block_size: usize,
-        dtype: DType,
+        format: KvFormat,
         device: &Device,
     ) -> Result<Self> {
         if num_blocks == 0 || block_size == 0 {
@@ -233,8 +276,8 @@ impl KvPool {
         let layers = (0..n_layer)
             .map(|_| {
                 crate::hugepages::zeros(
-                    &[2, num_blocks, block_size, n_head, head_dim],
-                    dtype,
+                    &[2, num_blocks, block_size, n_head, format.row_len(head_dim)],
+                    format.storage_dtype(),
                     device,
                 )
             })
@@ -361,15 +404,20 @@ mod tests {
             logits: LogitRows::Last,
         }];
         let step = StepLayout::new(&rows, 4, 8, 64).unwrap();
-        let ok = step.check_cache(&[2, 8, 4, 3, 16]).unwrap();
+        let ok = step.check_cache(&[2, 8, 4, 3, 16], DType::F16).unwrap();
         assert_eq!((ok.slots(), ok.width(), ok.half_len()), (32, 48, 32 * 48));
-        for (dims, want) in [
-            (&[2, 4, 4, 3, 16][..], "4 blocks of 4 slots"),
-            (&[2, 8, 2, 3, 16][..], "8 blocks of 2 slots"),
-            (&[2, 16, 4, 3, 16][..], "16 blocks of 4 slots"),
-            (&[8, 4, 3, 16][..], "must be (2, blocks"),
+        let int8 = step.check_cache(&[2, 8, 4, 3, 20], DType::U8).unwrap();
+        assert_eq!(int8, CacheShape::new(8, 4, 3, 16, KvFormat::Int8));
+        assert_eq!((int8.width(), int8.slot_len()), (48, 60));
+        for (dims, dtype, want) in [
+            (&[2, 4, 4, 3, 16][..], DType::F32, "4 blocks of 4 slots"),
+            (&[2, 8, 2, 3, 16][..], DType::F32, "8 blocks of 2 slots"),
+            (&[2, 16, 4, 3, 16][..], DType::F32, "16 blocks of 4 slots"),
+            (&[8, 4, 3, 16][..], DType::F32, "must be (2, blocks"),
+            (&[2, 8, 4, 3, 4][..], DType::U8, "hold no values"),
+            (&[2, 8, 4, 3, 16][..], DType::I64, "I64 elements"),
         ] {
-            let err = step.check_cache(dims).unwrap_err().to_string();
+            let err = step.check_cache(dims, dtype).unwrap_err().to_string();
             assert!(err.contains(want), "{dims:?}: {err}");
         }
     }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use gptj_engine::{BlockId, LogitRows, Precision, Sampler, SamplingParams, SeqChunk};
+use gptj_engine::{BlockId, KvCacheDtype, LogitRows, Precision, Sampler, SamplingParams, SeqChunk};
 
 /// Prompts of assorted lengths: the fixture prompts plus derived ones.
 fn prompts() -> Vec<Vec<u32>> {
@@ -61,11 +61,16 @@ fn choose(logits: &[f32], tokens: &[u32], prompt_len: usize, sampler: &mut Optio
 /// in chunks of 7 next to the others' decode steps, block tables interleaved through the
 /// pool), and checks that each sequence's logits are bitwise identical and its tokens equal.
 fn check_batch_invariance(precision: Precision, choice: Choice) {
+    check_batch_invariance_with(precision, KvCacheDtype::Auto, choice)
+}
+
+/// As [`check_batch_invariance`], with the KV cache in `kv`.
+fn check_batch_invariance_with(precision: Precision, kv: KvCacheDtype, choice: Choice) {
     const STEPS: usize = 12;
     const CHUNK: usize = 7;
     let prompts = prompts();
     assert!(prompts.len() >= 8);
-    let mut engine = load("rot_partial", precision);
+    let mut engine = load_with_kv("rot_partial", precision, kv);
 
     let mut alone: Vec<(Vec<Vec<f32>>, Vec<u32>)> = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -161,6 +166,14 @@ fn ragged_batches_are_bitwise_identical_to_running_alone_f32() {
 fn ragged_batches_are_bitwise_identical_to_running_alone_f16_bf16_q8_0() {
     for precision in [Precision::F16, Precision::Bf16, Precision::Q8_0] {
         check_batch_invariance(precision, Choice::Greedy);
+    }
+}
+
+/// The int8 cache quantizes each token's rows alone, so it keeps the invariance.
+#[test]
+fn ragged_batches_are_bitwise_identical_to_running_alone_with_an_int8_cache() {
+    for precision in [Precision::F32, Precision::Q8_0] {
+        check_batch_invariance_with(precision, KvCacheDtype::Int8, Choice::Greedy);
     }
 }
 

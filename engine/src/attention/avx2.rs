@@ -10,6 +10,7 @@
 
 use std::arch::x86_64::*;
 
+use super::kv_elem::KvElem;
 use super::runs::{self, AttendScratch, HeadsView, Kernel};
 use crate::cpu::avx2::exp8;
 use crate::cpu::{Avx2, Elem};
@@ -21,7 +22,7 @@ const LANES8: usize = 8;
 /// Attention of every new token of `step` over its own sequence, `None` for head sizes the
 /// kernel has no instance for (the caller then takes the portable path). Arguments as
 /// [`super::avx512::attend`]'s.
-pub(crate) fn attend<T: Elem, Q: Elem>(
+pub(crate) fn attend<T: KvElem, Q: Elem>(
     _cpu: Avx2,
     step: &StepLayout,
     shape: CacheShape,
@@ -89,7 +90,7 @@ unsafe fn lanes(n: usize) -> __m256 {
 /// (from `at`) plus `at.heads * 8 * CH` is within `k` and `v`.
 #[target_feature(enable = "avx2,f16c,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_heads<const CH: usize, T: Elem>(
+unsafe fn attend_heads<const CH: usize, T: KvElem>(
     q: &[f32],
     k: &[T],
     v: &[T],
@@ -101,6 +102,8 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
 ) {
     let dim = LANES8 * CH;
     let heads = at.heads;
+    // A head's row in the cache: its values, then (int8) its scale.
+    let row = T::row_len(dim);
     let AttendScratch {
         scores,
         offsets,
@@ -122,13 +125,13 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
     let scale_v = _mm256_set1_ps(scale);
     for (g, group) in offsets.chunks(LANES8).enumerate() {
         for (s, &off) in group.iter().enumerate() {
-            runs::prefetch_ahead(k, offsets, g * LANES8 + s, heads * dim);
-            // SAFETY: `off + heads * dim` is within `k` (the caller's promise); `parts` holds
+            runs::prefetch_ahead(k, offsets, g * LANES8 + s, heads * row);
+            // SAFETY: `off + heads * row` is within `k` (the caller's promise); `parts` holds
             // `heads * 8` vectors, `s < 8`.
             unsafe {
                 let kp = k.as_ptr().add(off);
                 for h in 0..heads {
-                    let (qh, kh) = (q.as_ptr().add(h * dim), kp.add(h * dim));
+                    let (qh, kh) = (q.as_ptr().add(h * dim), kp.add(h * row));
                     let mut a = _mm256_mul_ps(_mm256_loadu_ps(qh), T::load8(kh));
                     for j in 1..CH {
                         a = _mm256_fmadd_ps(
@@ -136,6 +139,9 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
                             T::load8(kh.add(LANES8 * j)),
                             a,
                         );
+                    }
+                    if T::SCALED {
+                        a = _mm256_mul_ps(a, _mm256_set1_ps(T::scale(kh, dim)));
                     }
                     _mm256_storeu_ps(parts.as_mut_ptr().add((h * LANES8 + s) * LANES8), a);
                 }
@@ -194,20 +200,21 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
     out.fill(0.0);
     let o = out.as_mut_ptr();
     for (p, &off) in offsets.iter().enumerate() {
-        runs::prefetch_ahead(v, offsets, p, heads * dim);
-        // SAFETY: `off + heads * dim` is within `v` and `out` holds `heads * dim` values (the
+        runs::prefetch_ahead(v, offsets, p, heads * row);
+        // SAFETY: `off + heads * row` is within `v` and `out` holds `heads * dim` values (the
         // caller's promise); `h * padded + p < heads * padded`.
         unsafe {
             let vp = v.as_ptr().add(off);
             for h in 0..heads {
-                let w = _mm256_set1_ps(*scores.get_unchecked(h * padded + p));
+                let vh = vp.add(h * row);
+                let mut w = *scores.get_unchecked(h * padded + p);
+                if T::SCALED {
+                    w *= T::scale(vh, dim);
+                }
+                let w = _mm256_set1_ps(w);
                 for j in 0..CH {
                     let at = o.add(h * dim + LANES8 * j);
-                    let acc = _mm256_fmadd_ps(
-                        w,
-                        T::load8(vp.add(h * dim + LANES8 * j)),
-                        _mm256_loadu_ps(at),
-                    );
+                    let acc = _mm256_fmadd_ps(w, T::load8(vh.add(LANES8 * j)), _mm256_loadu_ps(at));
                     _mm256_storeu_ps(at, acc);
                 }
             }

@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::kv_elem::KvElem;
 use super::runs::{self, AttendScratch, HeadsView, Kernel};
 use crate::cpu::avx512::exp16;
 use crate::cpu::{Avx512, Elem, LANES};
@@ -20,7 +21,7 @@ use crate::paged::{CacheShape, StepLayout};
 /// `q` is `(tokens, heads, head_dim)` in the activations' type `Q` (the output's too); `k`
 /// and `v` are the two halves of a cache whose geometry is `shape`, as returned by
 /// `step.check_cache` (panics if their lengths disagree with it), in the cache's type `T`.
-pub(crate) fn attend<T: Elem, Q: Elem>(
+pub(crate) fn attend<T: KvElem, Q: Elem>(
     _cpu: Avx512,
     step: &StepLayout,
     shape: CacheShape,
@@ -104,7 +105,7 @@ unsafe fn sum_lanes16(a: [__m512; 16]) -> __m512 {
 /// offset (from `at`) plus `at.heads * 16 * CH` is within `k` and `v`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_heads<const CH: usize, T: Elem>(
+unsafe fn attend_heads<const CH: usize, T: KvElem>(
     q: &[f32],
     k: &[T],
     v: &[T],
@@ -116,6 +117,8 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
 ) {
     let dim = LANES * CH;
     let heads = at.heads;
+    // A head's row in the cache: its values, then (int8) its scale.
+    let row = T::row_len(dim);
     let AttendScratch {
         scores,
         offsets,
@@ -137,13 +140,13 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
     let scale_v = _mm512_set1_ps(scale);
     for (g, group) in offsets.chunks(16).enumerate() {
         for (s, &off) in group.iter().enumerate() {
-            runs::prefetch_ahead(k, offsets, g * 16 + s, heads * dim);
-            // SAFETY: `off + heads * dim` is within `k` (the caller's promise); `parts` holds
+            runs::prefetch_ahead(k, offsets, g * 16 + s, heads * row);
+            // SAFETY: `off + heads * row` is within `k` (the caller's promise); `parts` holds
             // `heads * 16` vectors, `s < 16`.
             unsafe {
                 let kp = k.as_ptr().add(off);
                 for h in 0..heads {
-                    let (qh, kh) = (q.as_ptr().add(h * dim), kp.add(h * dim));
+                    let (qh, kh) = (q.as_ptr().add(h * dim), kp.add(h * row));
                     let mut a = _mm512_mul_ps(_mm512_loadu_ps(qh), T::load16(kh));
                     for j in 1..CH {
                         a = _mm512_fmadd_ps(
@@ -151,6 +154,9 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
                             T::load16(kh.add(16 * j)),
                             a,
                         );
+                    }
+                    if T::SCALED {
+                        a = _mm512_mul_ps(a, _mm512_set1_ps(T::scale(kh, dim)));
                     }
                     _mm512_storeu_ps(parts.as_mut_ptr().add((h * 16 + s) * 16), a);
                 }
@@ -198,20 +204,21 @@ unsafe fn attend_heads<const CH: usize, T: Elem>(
     out.fill(0.0);
     let o = out.as_mut_ptr();
     for (p, &off) in offsets.iter().enumerate() {
-        runs::prefetch_ahead(v, offsets, p, heads * dim);
-        // SAFETY: `off + heads * dim` is within `v` and `out` holds `heads * dim` values (the
+        runs::prefetch_ahead(v, offsets, p, heads * row);
+        // SAFETY: `off + heads * row` is within `v` and `out` holds `heads * dim` values (the
         // caller's promise); `h * padded + p < heads * padded`.
         unsafe {
             let vp = v.as_ptr().add(off);
             for h in 0..heads {
-                let w = _mm512_set1_ps(*scores.get_unchecked(h * padded + p));
+                let vh = vp.add(h * row);
+                let mut w = *scores.get_unchecked(h * padded + p);
+                if T::SCALED {
+                    w *= T::scale(vh, dim);
+                }
+                let w = _mm512_set1_ps(w);
                 for j in 0..CH {
                     let at = o.add(h * dim + 16 * j);
-                    let acc = _mm512_fmadd_ps(
-                        w,
-                        T::load16(vp.add(h * dim + 16 * j)),
-                        _mm512_loadu_ps(at),
-                    );
+                    let acc = _mm512_fmadd_ps(w, T::load16(vh.add(16 * j)), _mm512_loadu_ps(at));
                     _mm512_storeu_ps(at, acc);
                 }
             }

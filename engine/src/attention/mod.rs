@@ -6,6 +6,8 @@
 //! implementation per backend:
 //!
 //! - `portable`: plain Rust over slices, for any CPU and head size (and under Miri);
+//! - `kv_elem`: what a head's row of the cache holds in each format (float values, or int8
+//!   bytes and a scale), the one thing the CPU paths need to know about the format;
 //! - `avx512` and `avx2`: the vector kernels, where an [`Isa`](crate::cpu::Isa) token says
 //!   the CPU has them (attention only; the write is a copy), driven by `runs`;
 //! - `cuda`: launches of `kernels/paged.cu`, under `--features cuda`.
@@ -23,6 +25,8 @@ use crate::cpu::Elem;
 use crate::cpu::Isa;
 use crate::error::Result;
 use crate::paged::{CacheShape, StepLayout};
+use crate::precision::KvFormat;
+use kv_elem::KvElem;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -30,6 +34,7 @@ mod avx2;
 mod avx512;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod kv_elem;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod runs;
@@ -39,7 +44,7 @@ mod runs;
 /// CPU the rounding happens in the copy; the CUDA kernels take the cache's dtype, so there
 /// the keys and values are converted first.
 pub(crate) fn write_kv(cache: &Tensor, k: &Tensor, v: &Tensor, step: &StepLayout) -> Result<()> {
-    step.check_cache(cache.dims())?;
+    cpu_only_int8(step.check_cache(cache.dims(), cache.dtype())?, cache)?;
     if cache.device().is_cpu() || k.dtype() == cache.dtype() {
         cache.inplace_op3(k, v, &WriteKv { step })?;
     } else {
@@ -60,7 +65,7 @@ pub(crate) fn paged_attention(
     step: &StepLayout,
     scale: f32,
 ) -> Result<Tensor> {
-    step.check_cache(cache.dims())?;
+    cpu_only_int8(step.check_cache(cache.dims(), cache.dtype())?, cache)?;
     let op = PagedAttention { step, scale };
     if cache.device().is_cpu() || q.dtype() == cache.dtype() {
         Ok(q.apply_op2_no_bwd(cache, &op)?)
@@ -68,6 +73,19 @@ pub(crate) fn paged_attention(
         let out = q.to_dtype(cache.dtype())?.apply_op2_no_bwd(cache, &op)?;
         Ok(out.to_dtype(q.dtype())?)
     }
+}
+
+/// The int8 cache has CPU kernels only: on another device it is an error, not a conversion of
+/// the activations to bytes. (The model refuses `--kv-cache-dtype int8` off the CPU before
+/// this could happen.)
+fn cpu_only_int8(shape: CacheShape, cache: &Tensor) -> Result<()> {
+    if shape.format == KvFormat::Int8 && !cache.device().is_cpu() {
+        return Err(crate::EngineError::InvalidInput(
+            "the int8 KV cache runs on the CPU only: use --kv-cache-dtype f16 (or auto) on a GPU"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// `$body` with `$x` bound to the elements of a float [`CpuStorage`] (`f32`, `f16` or
@@ -87,6 +105,17 @@ macro_rules! with_float {
     };
 }
 
+/// `$body` with `$x` bound to the elements of a KV cache's [`CpuStorage`]: a float type, or
+/// `u8` for int8; any other is an error.
+macro_rules! with_cache {
+    ($storage:expr, |$x:ident| $body:expr) => {
+        match $storage {
+            CpuStorage::U8($x) => $body,
+            other => with_float!(other, "KV cache", |$x| $body),
+        }
+    };
+}
+
 struct WriteKv<'a> {
     step: &'a StepLayout,
 }
@@ -96,16 +125,18 @@ struct PagedAttention<'a> {
     scale: f32,
 }
 
-/// The geometry of the cache in `cache_l`, checked against `step`, and that the cache and the
+/// The geometry of the cache in `cache_l` (of `cache_dtype` elements), checked against `step`,
+/// and that the cache and the
 /// step's `(tokens, heads, head_dim)` operands (`operands`) are contiguous and sized to match.
 /// Both backends call this before launching anything.
 fn check_operands(
     step: &StepLayout,
     cache_l: &Layout,
+    cache_dtype: candle_core::DType,
     operands: &[(&Layout, &str)],
 ) -> candle_core::Result<CacheShape> {
     let shape = step
-        .check_cache(cache_l.dims())
+        .check_cache(cache_l.dims(), cache_dtype)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     if !cache_l.is_contiguous() {
         candle_core::bail!("the KV cache must be contiguous");
@@ -135,7 +166,7 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a 
 
 impl WriteKv<'_> {
     #[allow(clippy::too_many_arguments)]
-    fn write<C, X>(
+    fn write<C: candle_core::WithDType, X>(
         &self,
         cache: &mut [C],
         cache_l: &Layout,
@@ -143,11 +174,12 @@ impl WriteKv<'_> {
         k_l: &Layout,
         v: &[X],
         v_l: &Layout,
-        store: fn(&[X], &mut [C], &mut [f32]),
+        store: portable::StoreSlot<X, C>,
     ) -> candle_core::Result<()> {
         let shape = check_operands(
             self.step,
             cache_l,
+            C::DTYPE,
             &[(k_l, "new keys"), (v_l, "new values")],
         )?;
         let Some((start, end)) = cache_l.contiguous_offsets() else {
@@ -173,36 +205,42 @@ impl InplaceOp3 for WriteKv<'_> {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> candle_core::Result<()> {
-        use portable::{copy_row, round_row};
+        use portable::{copy_slot, quantize_slot, round_slot};
+        /// `$body` with `$k` and `$v` bound to the new keys' and values' elements, of one
+        /// float type.
+        macro_rules! with_new_kv {
+            (|$k:ident, $v:ident| $body:expr) => {
+                match (k, v) {
+                    (CpuStorage::F32($k), CpuStorage::F32($v)) => $body,
+                    (CpuStorage::F16($k), CpuStorage::F16($v)) => $body,
+                    (CpuStorage::BF16($k), CpuStorage::BF16($v)) => $body,
+                    (k, v) => candle_core::bail!(
+                        "KV write: new keys are {:?} and new values {:?}; both must be the same float type",
+                        k.dtype(),
+                        v.dtype()
+                    ),
+                }
+            };
+        }
         match (cache, k, v) {
             // One type throughout (f32 weights, f16 or bf16 activations by default): a copy.
             (CpuStorage::F32(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                self.write(c, cache_l, k, k_l, v, v_l, copy_row)
+                self.write(c, cache_l, k, k_l, v, v_l, copy_slot)
             }
             (CpuStorage::F16(c), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                self.write(c, cache_l, k, k_l, v, v_l, copy_row)
+                self.write(c, cache_l, k, k_l, v, v_l, copy_slot)
             }
             (CpuStorage::BF16(c), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                self.write(c, cache_l, k, k_l, v, v_l, copy_row)
+                self.write(c, cache_l, k, k_l, v, v_l, copy_slot)
             }
-            // A cache of another type (q8_0's f16 under f32 activations): rounded in the copy.
-            (cache, k, v) => with_float!(cache, "KV cache", |c| {
-                match (k, v) {
-                (CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                    self.write(c, cache_l, k, k_l, v, v_l, round_row)
-                }
-                (CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                    self.write(c, cache_l, k, k_l, v, v_l, round_row)
-                }
-                (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                    self.write(c, cache_l, k, k_l, v, v_l, round_row)
-                }
-                (k, v) => candle_core::bail!(
-                    "KV write: new keys are {:?} and new values {:?}; both must be the same float type",
-                    k.dtype(),
-                    v.dtype()
-                ),
+            // The int8 cache: each head's row quantized on the way in.
+            (CpuStorage::U8(c), ..) => {
+                with_new_kv!(|k, v| self.write(c, cache_l, k, k_l, v, v_l, quantize_slot))
             }
+            // A float cache of another type (q8_0's f16 under f32 activations): rounded in
+            // the copy.
+            (cache, ..) => with_float!(cache, "KV cache", |c| {
+                with_new_kv!(|k, v| self.write(c, cache_l, k, k_l, v, v_l, round_slot))
             }),
         }
     }
@@ -220,6 +258,7 @@ impl InplaceOp3 for WriteKv<'_> {
         let shape = check_operands(
             self.step,
             cache_l,
+            cache.dtype(),
             &[(k_l, "new keys"), (v_l, "new values")],
         )?;
         cuda::write_kv(self.step, shape, cache, cache_l, k, k_l, v, v_l)
@@ -227,14 +266,14 @@ impl InplaceOp3 for WriteKv<'_> {
 }
 
 impl PagedAttention<'_> {
-    fn attend<T: Elem, Q: Elem>(
+    fn attend<T: KvElem + candle_core::WithDType, Q: Elem>(
         &self,
         q: &[Q],
         q_l: &Layout,
         cache: &[T],
         cache_l: &Layout,
     ) -> candle_core::Result<Vec<Q>> {
-        let shape = check_operands(self.step, cache_l, &[(q_l, "queries")])?;
+        let shape = check_operands(self.step, cache_l, T::DTYPE, &[(q_l, "queries")])?;
         let (q, cache) = (contiguous(q, q_l)?, contiguous(cache, cache_l)?);
         let (k_half, v_half) = cache.split_at(shape.half_len());
         #[cfg(target_arch = "x86_64")]
@@ -270,7 +309,7 @@ impl CustomOp2 for PagedAttention<'_> {
         cache_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = q_l.shape().clone();
-        let out = with_float!(cache, "KV cache", |c| match q {
+        let out = with_cache!(cache, |c| match q {
             CpuStorage::F32(q) => CpuStorage::F32(self.attend(q, q_l, c, cache_l)?),
             CpuStorage::F16(q) => CpuStorage::F16(self.attend(q, q_l, c, cache_l)?),
             CpuStorage::BF16(q) => CpuStorage::BF16(self.attend(q, q_l, c, cache_l)?),
@@ -290,7 +329,7 @@ impl CustomOp2 for PagedAttention<'_> {
         cache: &candle_core::CudaStorage,
         cache_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let shape = check_operands(self.step, cache_l, &[(q_l, "queries")])?;
+        let shape = check_operands(self.step, cache_l, cache.dtype(), &[(q_l, "queries")])?;
         cuda::attend(self.step, shape, self.scale, q, q_l, cache, cache_l)
     }
 }
@@ -347,15 +386,15 @@ mod tests {
 
     /// Prefills `len` tokens in two chunks (split at `split`, each attending to what came
     /// before) through a scattered block table, and compares with plain attention. Queries,
-    /// keys and values are f32; the cache is `cache` (keys and values rounded to it on the
-    /// way in, as plain attention is given them), the output f32.
+    /// keys and values are f32; the cache is `cache` (keys and values rounded or quantized to
+    /// it on the way in, as plain attention is given them), the output f32.
     fn check_against_plain(
         heads: usize,
         dim: usize,
         block_size: usize,
         len: usize,
         split: usize,
-        cache: DType,
+        cache: KvFormat,
     ) {
         let num_blocks = 16;
         let width = heads * dim;
@@ -393,39 +432,63 @@ mod tests {
             );
             got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
-        let rounded = |x: &[f32]| -> Vec<f32> {
-            let t = Tensor::from_slice(x, x.len(), &dev).unwrap();
-            let t = t.to_dtype(cache).unwrap().to_dtype(DType::F32).unwrap();
-            t.to_vec1::<f32>().unwrap()
-        };
-        let want = reference(&q, &rounded(&k), &rounded(&v), heads, dim, 0, 0.3);
+        let want = reference(
+            &q,
+            &stored(&k, dim, cache),
+            &stored(&v, dim, cache),
+            heads,
+            dim,
+            0,
+            0.3,
+        );
+        // Int8's kernels scale each query-key sum, plain attention each value: another rounding.
+        let tolerance = if cache == KvFormat::Int8 { 1e-4 } else { 1e-5 };
         for (g, w) in got.iter().zip(&want) {
             assert!(
-                (g - w).abs() < 1e-5,
+                (g - w).abs() < tolerance,
                 "heads {heads} dim {dim} cache {cache:?}: {g} vs {w}"
             );
         }
     }
 
+    /// `x` (rows of `dim` values) as a cache of `format` gives them back.
+    fn stored(x: &[f32], dim: usize, format: KvFormat) -> Vec<f32> {
+        if format == KvFormat::Int8 {
+            let row = format.row_len(dim);
+            let mut bytes = vec![0u8; x.len() / dim * row];
+            kv_elem::quantize_rows(x, &mut bytes, dim);
+            let mut buf = vec![0f32; dim];
+            return bytes
+                .chunks(row)
+                .flat_map(|r| u8::values(r, dim, &mut buf).to_vec())
+                .collect();
+        }
+        let t = Tensor::from_slice(x, x.len(), &Device::Cpu).unwrap();
+        let t = t.to_dtype(format.storage_dtype()).unwrap();
+        t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+    }
+
     #[test]
     fn chunked_writes_and_scattered_blocks_match_plain_attention() {
         // A head size with no vector kernel (the portable path) ...
-        check_against_plain(2, 8, 4, 11, 6, DType::F32);
+        check_against_plain(2, 8, 4, 11, 6, KvFormat::F32);
         // ... and GPT-J's (the vector kernel of the best instruction set the CPU has):
         // contexts that end inside a group of positions (16 on AVX-512, 8 on AVX2) and
         // inside a block, odd and even.
-        check_against_plain(3, 64, 16, 53, 20, DType::F32);
-        check_against_plain(2, 256, 8, 37, 17, DType::F32);
-        check_against_plain(1, 32, 16, 16, 15, DType::F32);
+        check_against_plain(3, 64, 16, 53, 20, KvFormat::F32);
+        check_against_plain(2, 256, 8, 37, 17, KvFormat::F32);
+        check_against_plain(1, 32, 16, 16, 15, KvFormat::F32);
     }
 
-    /// f32 activations over a narrower cache (q8_0's f16 by default): keys and values are
-    /// rounded once on the way in, queries and output stay f32, on both paths.
+    /// f32 activations over a narrower cache (q8_0's f16 by default, or int8): keys and values
+    /// are rounded or quantized once on the way in, queries and output stay f32, on both
+    /// paths.
     #[test]
     fn f32_queries_attend_over_a_narrow_cache() {
-        for cache in [DType::F16, DType::BF16] {
+        for cache in [KvFormat::F16, KvFormat::Bf16, KvFormat::Int8] {
             check_against_plain(2, 8, 4, 11, 6, cache);
             check_against_plain(3, 64, 16, 53, 20, cache);
+            check_against_plain(2, 256, 8, 37, 17, cache);
         }
     }
 
@@ -436,12 +499,7 @@ mod tests {
     fn portable_paths_match_plain_attention() {
         let (heads, dim, block_size, num_blocks) = (2, 4, 2, 8);
         let width = heads * dim;
-        let shape = CacheShape {
-            num_blocks,
-            block_size,
-            heads,
-            head_dim: dim,
-        };
+        let shape = CacheShape::new(num_blocks, block_size, heads, dim, KvFormat::F32);
         let mut cache = vec![0f32; 2 * shape.half_len()];
         let seq = |n: usize, seed: u32| {
             let w = n * width;
@@ -472,7 +530,7 @@ mod tests {
                 k.extend_from_slice(&ks[a * width..b * width]);
                 v.extend_from_slice(&vs[a * width..b * width]);
             }
-            portable::write_kv(&step, shape, &mut cache, &k, &v, portable::copy_row);
+            portable::write_kv(&step, shape, &mut cache, &k, &v, portable::copy_slot);
             let (k_half, v_half) = cache.split_at(shape.half_len());
             portable::attend(&step, shape, &q, k_half, v_half, 0.5)
         };
@@ -498,18 +556,24 @@ mod tests {
     /// through the checked functions and through the op itself.
     /// Every vector kernel the CPU has (not only the one `paged_attention` picks) against the
     /// portable path: one sequence of 21 positions (inside a group of 8 and of 16) over a
-    /// scattered table, an f16 cache and f32 queries.
+    /// scattered table, f32 queries, and an f16 cache and an int8 one.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_vector_kernel_matches_the_portable_path() {
+        kernels_match_portable::<half::f16>(KvFormat::F16, portable::round_slot, 1e-5);
+        // The kernels scale each query-key sum, the portable path each value.
+        kernels_match_portable::<u8>(KvFormat::Int8, portable::quantize_slot, 1e-4);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn kernels_match_portable<C: KvElem + Default + Clone>(
+        format: KvFormat,
+        store: portable::StoreSlot<f32, C>,
+        tolerance: f32,
+    ) {
         let (heads, dim, block_size, num_blocks, len) = (3, 64, 4, 8, 21);
         let width = heads * dim;
-        let shape = CacheShape {
-            num_blocks,
-            block_size,
-            heads,
-            head_dim: dim,
-        };
+        let shape = CacheShape::new(num_blocks, block_size, heads, dim, format);
         let table: Vec<BlockId> = [5, 0, 7, 2, 6, 1].map(BlockId).to_vec();
         let tokens = [0u32; 21];
         let rows = [SeqChunk {
@@ -524,8 +588,8 @@ mod tests {
             values(len * width, 8),
             values(len * width, 9),
         );
-        let mut cache = vec![half::f16::ZERO; 2 * shape.half_len()];
-        portable::write_kv(&step, shape, &mut cache, &k, &v, portable::round_row);
+        let mut cache = vec![C::default(); 2 * shape.half_len()];
+        portable::write_kv(&step, shape, &mut cache, &k, &v, store);
         let (kh, vh) = cache.split_at(shape.half_len());
         let want = portable::attend(&step, shape, &q, kh, vh, 0.3);
         let isas = Isa::available();
@@ -539,7 +603,7 @@ mod tests {
             }
             .expect("a kernel for head size 64");
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "{isa:?}: {g} vs {w}");
+                assert!((g - w).abs() < tolerance, "{isa:?} {format}: {g} vs {w}");
             }
         }
     }
@@ -558,11 +622,12 @@ mod tests {
         }];
         let step = StepLayout::new(&rows, 4, 16, 64).unwrap();
         let q = Tensor::ones((2, heads, dim), DType::F32, &dev).unwrap();
-        let good = KvPool::new(1, heads, dim, 16, 4, DType::F32, &dev).unwrap();
+        let good = KvPool::new(1, heads, dim, 16, 4, KvFormat::F32, &dev).unwrap();
         write_kv(good.layer(0), &q, &q, &step).unwrap();
         paged_attention(&q, good.layer(0), &step, 0.25).unwrap();
         for (blocks, block_size) in [(2, 4), (16, 2), (4, 16)] {
-            let small = KvPool::new(1, heads, dim, blocks, block_size, DType::F32, &dev).unwrap();
+            let small =
+                KvPool::new(1, heads, dim, blocks, block_size, KvFormat::F32, &dev).unwrap();
             let cache = small.layer(0);
             let err = paged_attention(&q, cache, &step, 0.25)
                 .unwrap_err()

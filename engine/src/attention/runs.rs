@@ -6,23 +6,26 @@
 //! runs, to keep every thread busy); the kernels compute each head the same way in any run,
 //! so the grouping never changes a result.
 
+use super::kv_elem::KvElem;
 use crate::cpu::{Elem, SharedOut};
 use crate::paged::{CacheShape, StepLayout};
 
 /// One run of heads of one token against its context: `(q, k, v, ctx, at, scale, scratch,
 /// out)`, `q` and `out` holding the run's heads in f32. The safety contract is each kernel's:
-/// its CPU features, and `at` covering `ctx` positions inside `k` and `v`.
+/// its CPU features, and `at` covering `ctx` positions inside `k` and `v` (rows of
+/// `T::row_len(head_dim)` elements).
 pub(super) type Kernel<T> =
     unsafe fn(&[f32], &[T], &[T], usize, &HeadsView<'_>, f32, &mut AttendScratch, &mut [f32]);
 
 /// Attention of every new token of `step` over its own sequence on `kernel`: `q` is
 /// `(tokens, heads, head_dim)` in the activations' type `Q` (the output's too); `k` and `v`
 /// are the two halves of a cache whose geometry is `shape`, as returned by
-/// `step.check_cache` (panics if their lengths disagree with it), in the cache's type `T`.
+/// `step.check_cache` (panics if their lengths or rows disagree with it), in the cache's type
+/// `T`.
 ///
 /// # Safety
 /// The CPU has `kernel`'s target features (its caller holds the token that proves them).
-pub(super) unsafe fn attend<T: Elem, Q: Elem>(
+pub(super) unsafe fn attend<T: KvElem, Q: Elem>(
     kernel: Kernel<T>,
     step: &StepLayout,
     shape: CacheShape,
@@ -31,10 +34,13 @@ pub(super) unsafe fn attend<T: Elem, Q: Elem>(
     v: &[T],
     scale: f32,
 ) -> Vec<Q> {
-    let (heads, dim, width) = (shape.heads, shape.head_dim, shape.width());
+    let (heads, dim, width, row) = (shape.heads, shape.head_dim, shape.width(), shape.row);
     let tokens = step.num_tokens();
     assert!(
-        k.len() == shape.half_len() && v.len() == shape.half_len() && q.len() == tokens * width,
+        k.len() == shape.half_len()
+            && v.len() == shape.half_len()
+            && q.len() == tokens * width
+            && row == T::row_len(dim),
         "paged attention: buffers do not match the checked cache shape"
     );
     let pool = candle_core::utils::barrier_pool();
@@ -59,16 +65,16 @@ pub(super) unsafe fn attend<T: Elem, Q: Elem>(
             let at = HeadsView {
                 table: step.table_of(t),
                 block_size: shape.block_size,
-                width,
-                first: h0 * dim,
+                slot_len: shape.slot_len(),
+                first: h0 * row,
                 heads: h1 - h0,
             };
             let ctx = step.context_of(t);
             // The kernel's bounds: `q` and `res` hold the run's heads; every slot of the
             // table is below `shape.slots()` (block ids checked by `StepLayout::new`, the
-            // geometry by `check_cache`), so every offset plus the run is inside `k` and `v`
-            // (`first + heads * dim <= width`); the table covers `ctx` positions.
-            assert!(qf.len() == len && at.first + len <= width);
+            // geometry by `check_cache`), so every offset plus the run's rows is inside `k`
+            // and `v` (`first + heads * row <= slot_len`); the table covers `ctx` positions.
+            assert!(qf.len() == len && at.first + (h1 - h0) * row <= at.slot_len);
             assert!(at.table.len() * at.block_size >= ctx);
             // SAFETY: the bounds above, and the CPU has the kernel's features (the caller's
             // promise).
@@ -119,9 +125,9 @@ pub(super) struct HeadsView<'a> {
     /// The sequence's block table.
     pub table: &'a [u32],
     pub block_size: usize,
-    /// Elements per cache slot: heads * head size.
-    pub width: usize,
-    /// The first head's first element within a slot.
+    /// Elements per cache slot: heads * row length.
+    pub slot_len: usize,
+    /// The first head's row's first element within a slot.
     pub first: usize,
     /// Heads in the run.
     pub heads: usize,
@@ -134,7 +140,7 @@ impl HeadsView<'_> {
         for &block in self.table {
             let first = block as usize * self.block_size;
             let take = self.block_size.min(ctx - into.len());
-            into.extend((first..first + take).map(|slot| slot * self.width + self.first));
+            into.extend((first..first + take).map(|slot| slot * self.slot_len + self.first));
             if into.len() == ctx {
                 break;
             }

@@ -35,6 +35,14 @@ pub(crate) unsafe fn load8_bf16(p: *const bf16) -> __m256 {
     }
 }
 
+/// # Safety
+/// `p` points at 8 readable bytes, read as `i8`; the CPU has AVX2.
+#[inline(always)]
+pub(crate) unsafe fn load8_i8(p: *const u8) -> __m256 {
+    // SAFETY: forwarded from the caller; a 64-bit load, each byte sign-extended to a lane.
+    unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
+}
+
 /// e^x in 8 lanes, the same polynomial as the AVX-512 `exp16` (relative error about 1e-7),
 /// with `2^n` built in the exponent bits. Inputs are clamped to [-87, 88], so that `n` stays
 /// a normal exponent: below, the result is at most ~1.6e-38 instead of a denormal or 0; above,

@@ -34,6 +34,14 @@ pub(crate) unsafe fn load16_bf16(p: *const bf16) -> __m512 {
     }
 }
 
+/// # Safety
+/// `p` points at 16 readable bytes, read as `i8`; the CPU has AVX-512F.
+#[inline(always)]
+pub(crate) unsafe fn load16_i8(p: *const u8) -> __m512 {
+    // SAFETY: forwarded from the caller; a 128-bit load, each byte sign-extended to a lane.
+    unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+}
+
 /// e^x in 16 lanes (relative error about 1e-7): `2^n * p(f)` with `x = n ln2 + f`,
 /// `|f| <= ln2 / 2`, `p` the degree-7 Taylor polynomial. Inputs are clamped to
 /// [-104, 89], beyond which f32 underflows to 0 or overflows to infinity anyway.

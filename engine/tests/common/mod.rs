@@ -50,8 +50,18 @@ pub fn expected(name: &str) -> Expected {
 }
 
 pub fn load(name: &str, precision: Precision) -> Engine {
+    load_with_kv(name, precision, gptj_engine::KvCacheDtype::Auto)
+}
+
+/// As [`load`], with the KV cache in `kv_cache_dtype`.
+pub fn load_with_kv(
+    name: &str,
+    precision: Precision,
+    kv_cache_dtype: gptj_engine::KvCacheDtype,
+) -> Engine {
     let opts = EngineOptions {
         precision,
+        kv_cache_dtype,
         block_size: 4,
         kv_cache_memory: Some(8 << 20),
         ..Default::default()
