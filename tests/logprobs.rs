@@ -113,3 +113,62 @@ async fn echo_logprobs_equal_hf_alone_and_in_a_batch() {
         assert_eq!(&v["choices"][i]["logprobs"], want, "prompt {i}");
     }
 }
+
+/// `--kv-cache-dtype int8` through the server: the same loglikelihood requests over the int8
+/// cache (f32 weights) stay closer to HF's f32 log-probabilities than q8_0 weights over their
+/// f16 cache do (int8's error is its own, so it is an explicit choice), and the server says
+/// which cache it runs in its start-up log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_int8_kv_cache_serves_logprobs_closer_to_hf_than_q8_0() {
+    let int8 = worst_logprob_error(&["--precision", "f32", "--kv-cache-dtype", "int8"]).await;
+    let q8_0 = worst_logprob_error(&["--precision", "q8_0"]).await;
+    eprintln!(
+        "logprobs within {int8:.2e} of HF f32 over an int8 KV cache, {q8_0:.2e} with q8_0 weights"
+    );
+    assert!(
+        int8 <= q8_0 && int8 <= 0.3,
+        "int8 KV cache: logprobs differ from HF's by {int8} (q8_0 weights: {q8_0})"
+    );
+}
+
+/// The largest difference from HF's f32 log-probabilities over every position of every
+/// fixture case (prompt and greedy continuation) of a server started with `args`; checks that
+/// its start-up log names the KV cache it resolved.
+async fn worst_logprob_error(args: &[&str]) -> f64 {
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(format!("{FIXTURE}/expected.json")).unwrap())
+            .unwrap();
+    let s = Server::start(&[&["--model", FIXTURE][..], args].concat()).await;
+    let cache = if args.contains(&"int8") {
+        "int8"
+    } else {
+        "f16"
+    };
+    assert!(
+        s.log_text().contains(&format!("kv_cache={cache}")),
+        "start-up log: {}",
+        s.log_text()
+    );
+    let mut worst = 0.0f64;
+    for case in &expected.cases {
+        let ids: Vec<u32> = case
+            .prompt_ids
+            .iter()
+            .chain(&case.greedy_ids)
+            .copied()
+            .collect();
+        let (status, v) = s.post_json("/v1/completions", &request(&ids)).await;
+        assert_eq!(status, 200, "{v}");
+        let listed = v["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap();
+        // Position 0 has no log-probability; position t's is HF's entry t - 1.
+        for (got, want) in listed[1..ids.len()]
+            .iter()
+            .zip(&case.logprobs.token_logprobs)
+        {
+            worst = worst.max((got.as_f64().unwrap() - want).abs());
+        }
+    }
+    worst
+}

@@ -35,8 +35,9 @@ pub struct ModelArgs {
     /// Default: the engine's (2 GiB on CPU, at most 64 full contexts).
     #[arg(long, env = "GPTJ_KV_CACHE_MEMORY", value_parser = parse_byte_size)]
     pub kv_cache_memory: Option<u64>,
-    /// The KV cache's element type: auto (the activations' dtype; f16 under q8_0), f32, f16
-    /// or bf16.
+    /// The KV cache's element type: auto (the activations' dtype; f16 under q8_0), f32, f16,
+    /// bf16, or int8 (half f16's bytes, each head's row of a token scaled on its own; CPU only,
+    /// an error of its own, see docs/engine.md).
     #[arg(long, env = "GPTJ_KV_CACHE_DTYPE", default_value = "auto")]
     pub kv_cache_dtype: gptj_engine::KvCacheDtype,
     /// Token slots per KV-cache block.
@@ -236,6 +237,10 @@ mod tests {
         assert_eq!(
             opts(&with("fp16")).unwrap().kv_cache_dtype,
             gptj_engine::KvCacheDtype::F16
+        );
+        assert_eq!(
+            opts(&with("int8")).unwrap().kv_cache_dtype,
+            gptj_engine::KvCacheDtype::Int8
         );
         let err = opts(&with("int4")).err().unwrap().to_string();
         assert!(err.contains("int4"), "{err}");

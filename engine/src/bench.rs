@@ -375,16 +375,17 @@ pub struct AttentionRow {
 
 /// Times paged attention alone (the op the model calls, on the kernel `GPTJ_CPU_KERNELS`
 /// picks) for each `(batch, context)`: one decode token per sequence over `layers` separate
-/// caches, so that one round reads more than a last-level cache holds, `rounds` rounds.
-/// The cache is filled with values first (never-written memory would all map to one zero
-/// page and stay in cache).
+/// caches of `format`, so that one round reads more than a last-level cache holds, `rounds`
+/// rounds. The caches are filled first through the model's own write (never-written memory
+/// would all map to one zero page and stay in cache).
 #[doc(hidden)]
 pub fn attention_timing(
     cases: &[(usize, usize)],
+    format: crate::KvFormat,
     layers: usize,
     rounds: usize,
 ) -> crate::Result<Vec<AttentionRow>> {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
     let (heads, dim, block_size) = (12usize, 64usize, 16usize);
     let width = heads * dim;
     let mut rows = Vec::new();
@@ -396,24 +397,15 @@ pub fn attention_timing(
         }
         let per_seq = context.div_ceil(block_size);
         let num_blocks = batch * per_seq;
-        let caches = (0..layers)
-            .map(|l| {
-                let n = 2 * num_blocks * block_size * width;
-                let values: Vec<f32> = (0..n)
-                    .map(|i| ((i * 7919 + l) % 1000) as f32 / 1000.0 - 0.5)
-                    .collect();
-                Tensor::from_vec(
-                    values,
-                    (2, num_blocks, block_size, heads, dim),
-                    &Device::Cpu,
-                )?
-                .to_dtype(DType::F16)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let q_values: Vec<f32> = (0..batch * width)
-            .map(|i| ((i * 31) % 97) as f32 / 97.0)
-            .collect();
-        let q = Tensor::from_vec(q_values, (batch, heads, dim), &Device::Cpu)?;
+        let pool = KvPool::new(
+            layers,
+            heads,
+            dim,
+            num_blocks,
+            block_size,
+            format,
+            &Device::Cpu,
+        )?;
         let tables: Vec<Vec<BlockId>> = (0..batch)
             .map(|s| {
                 (0..per_seq)
@@ -421,6 +413,29 @@ pub fn attention_timing(
                     .collect()
             })
             .collect();
+        // Every sequence's `context` positions, written as one prefill step per layer.
+        let prompt = vec![0u32; context];
+        let prefill: Vec<SeqChunk<'_>> = tables
+            .iter()
+            .map(|table| SeqChunk {
+                tokens: &prompt,
+                start_pos: 0,
+                block_table: table,
+                logits: LogitRows::Last,
+            })
+            .collect();
+        let fill = crate::paged::StepLayout::new(&prefill, block_size, num_blocks, context)?;
+        for l in 0..layers {
+            let values: Vec<f32> = (0..batch * context * width)
+                .map(|i| ((i * 7919 + l) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            let kv = Tensor::from_vec(values, (batch * context, heads, dim), &Device::Cpu)?;
+            crate::attention::write_kv(pool.layer(l), &kv, &kv, &fill)?;
+        }
+        let q_values: Vec<f32> = (0..batch * width)
+            .map(|i| ((i * 31) % 97) as f32 / 97.0)
+            .collect();
+        let q = Tensor::from_vec(q_values, (batch, heads, dim), &Device::Cpu)?;
         let tokens = vec![0u32; batch];
         let chunks: Vec<SeqChunk<'_>> = tables
             .iter()
@@ -437,8 +452,13 @@ pub fn attention_timing(
         let mut times = Vec::with_capacity(rounds);
         for _ in 0..rounds.max(1) {
             let started = Instant::now();
-            for cache in &caches {
-                std::hint::black_box(crate::attention::paged_attention(&q, cache, &step, scale)?);
+            for l in 0..layers {
+                std::hint::black_box(crate::attention::paged_attention(
+                    &q,
+                    pool.layer(l),
+                    &step,
+                    scale,
+                )?);
             }
             times.push(started.elapsed().as_secs_f64() * 1e3 / layers as f64);
         }
@@ -448,7 +468,7 @@ pub fn attention_timing(
             context,
             min_ms: times[0],
             median_ms: times[times.len() / 2],
-            bytes: batch * context * width * 2 * DType::F16.size_in_bytes(),
+            bytes: batch * context * 2 * format.bytes_per_token(heads, dim),
         });
     }
     Ok(rows)

@@ -87,7 +87,7 @@ unsafe fn lanes(n: usize) -> __m256 {
 /// # Safety
 /// The CPU has AVX2, F16C and FMA (an [`Avx2`] token is in hand); `q` and `out` hold
 /// `at.heads * 8 * CH` values; `at.table` covers `ctx` positions, and every position's offset
-/// (from `at`) plus `at.heads * 8 * CH` is within `k` and `v`.
+/// (from `at`) plus `at.heads` rows of `T::row_len(8 * CH)` elements is within `k` and `v`.
 #[target_feature(enable = "avx2,f16c,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_heads<const CH: usize, T: KvElem>(

@@ -102,7 +102,8 @@ unsafe fn sum_lanes16(a: [__m512; 16]) -> __m512 {
 /// # Safety
 /// The CPU has AVX-512F/BW/VL, F16C and FMA (an [`Avx512`] token is in hand); `q` and `out`
 /// hold `at.heads * 16 * CH` values; `at.table` covers `ctx` positions, and every position's
-/// offset (from `at`) plus `at.heads * 16 * CH` is within `k` and `v`.
+/// offset (from `at`) plus `at.heads` rows of `T::row_len(16 * CH)` elements is within `k` and
+/// `v`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_heads<const CH: usize, T: KvElem>(
