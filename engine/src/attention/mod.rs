@@ -9,7 +9,8 @@
 //! - `kv_elem`: what a head's row of the cache holds in each format (float values, or int8
 //!   bytes and a scale), the one thing the CPU paths need to know about the format;
 //! - `avx512` and `avx2`: the vector kernels, where an [`Isa`](crate::cpu::Isa) token says
-//!   the CPU has them (attention only; the write is a copy), driven by `runs`;
+//!   the CPU has them (attention only; the write is a copy, a rounding or, for int8, the
+//!   portable quantization), driven by `runs`;
 //! - `cuda`: launches of `kernels/paged.cu`, under `--features cuda`.
 //!
 //! Before any kernel runs, the cache tensor is checked against the step
@@ -126,8 +127,8 @@ struct PagedAttention<'a> {
 }
 
 /// The geometry of the cache in `cache_l` (of `cache_dtype` elements), checked against `step`,
-/// and that the cache and the
-/// step's `(tokens, heads, head_dim)` operands (`operands`) are contiguous and sized to match.
+/// and that the cache and the step's `(tokens, heads, head_dim)` operands (`operands`) are
+/// contiguous and sized to match.
 /// Both backends call this before launching anything.
 fn check_operands(
     step: &StepLayout,
