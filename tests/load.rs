@@ -54,7 +54,9 @@ async fn disconnecting_clients_cancel_their_jobs() {
                     "dropped"
                 }
                 1 | 2 => {
-                    let body = json!({"instances": [format!("Hello {i}")], "parameters": {"max_new_tokens": 16}});
+                    // `ignore_eos`: sampled text may reach the end-of-text token before 16
+                    // tokens (a CI run on 2026-12-03 did), and every one must end by length.
+                    let body = json!({"instances": [format!("Hello {i}")], "parameters": {"max_new_tokens": 16, "ignore_eos": true}});
                     let r = c.post(&predict).json(&body).send().await.unwrap();
                     assert_eq!(r.status(), 200);
                     let v: Value = r.json().await.unwrap();
@@ -62,7 +64,7 @@ async fn disconnecting_clients_cancel_their_jobs() {
                     "ok"
                 }
                 _ => {
-                    let body = json!({"prompt": format!("Hi {i}"), "max_tokens": 16, "stream": true});
+                    let body = json!({"prompt": format!("Hi {i}"), "max_tokens": 16, "stream": true, "ignore_eos": true});
                     let r = c.post(&completions).json(&body).send().await.unwrap();
                     assert_eq!(r.status(), 200);
                     let events = sse_data(&r.text().await.unwrap());
