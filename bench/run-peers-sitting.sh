@@ -7,7 +7,8 @@
 #   2. the peers' table (bench_all.sh: 128 + 128 tokens, 1 and 64 concurrent clients over HTTP
 #      with vLLM's own client; CTranslate2 and OpenVINO in-process at batch 1 and 64);
 #   3. step `long`: the seed's long lengths for gptj and vLLM: 64 clients with 1,024-token
-#      prompts, and 8 clients at 2,048 tokens (1,920 + 128); LONG_ENGINES="gptj vllm" by default.
+#      prompts, and 8 clients at 2,048 tokens (1,920 + 128); LONG_ENGINES="gptj vllm" by default,
+#      and gptj as LONG_GPTJ="q8_0 q8_0:int8 bf16" by default (precision[:kv cache dtype]).
 # usage: bench/run-peers-sitting.sh OUT_DIR [steps...]   steps: decode peers long (default: decode peers)
 # Needs target/release/gptj and the decode bench (cargo build --release --benches --bins), and
 # .peers/ set up (PEERS_DIR). Run on a quiet machine: the load average is logged before each step.
@@ -61,15 +62,18 @@ peers)
   ;;
 long)
   engines="${LONG_ENGINES:-gptj vllm}"
-  for prec in q8_0 bf16; do
+  # precision[:kv cache dtype]; the default cache is `auto` (f16 under q8_0 and bf16)
+  for spec in ${LONG_GPTJ:-q8_0 q8_0:int8 bf16}; do
     [[ " $engines " == *" gptj "* ]] || continue
-    log "long lengths: gptj $prec"
-    "$GPTJ" serve --model "$CKPT" --precision "$prec" --port 18721 --host 127.0.0.1 \
-      --max-num-seqs 64 --kv-cache-memory 6GiB > "$OUT/long-gptj-$prec.log" 2>&1 &
+    prec="${spec%%:*}" kv=auto label="gptj-${spec/:/-kv}"
+    [[ "$spec" == *:* ]] && kv="${spec#*:}"
+    log "long lengths: gptj $prec, kv cache $kv"
+    "$GPTJ" serve --model "$CKPT" --precision "$prec" --kv-cache-dtype "$kv" --port 18721 \
+      --host 127.0.0.1 --max-num-seqs 64 --kv-cache-memory 6GiB > "$OUT/long-$label.log" 2>&1 &
     pid=$!
     if wait_ready http://127.0.0.1:18721/v2/health/ready 180; then
-      long "gptj-$prec" http://127.0.0.1:18721 /openai/v1/completions eleutherai-gpt-j-6b 64 64 1024 128
-      long "gptj-$prec" http://127.0.0.1:18721 /openai/v1/completions eleutherai-gpt-j-6b 8 16 1920 128
+      long "$label" http://127.0.0.1:18721 /openai/v1/completions eleutherai-gpt-j-6b 64 64 1024 128
+      long "$label" http://127.0.0.1:18721 /openai/v1/completions eleutherai-gpt-j-6b 8 16 1920 128
     fi
     kill $pid; wait $pid 2>/dev/null || true
   done

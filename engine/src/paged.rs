@@ -181,6 +181,11 @@ impl StepLayout {
         &self.slots
     }
 
+    /// The row (sequence chunk) that token `t` belongs to; a row's tokens are consecutive.
+    pub(crate) fn row_of(&self, t: usize) -> usize {
+        self.token_row[t] as usize
+    }
+
     /// How many positions token `t` attends over: `0..=its position`.
     pub(crate) fn context_of(&self, t: usize) -> usize {
         self.positions[t] as usize + 1
@@ -227,7 +232,7 @@ impl StepLayout {
     /// Block table of the row that token `t` belongs to: `context_of(t).div_ceil(block_size)`
     /// block ids (at least), each below `num_blocks`.
     pub(crate) fn table_of(&self, t: usize) -> &[u32] {
-        let row = self.token_row[t] as usize;
+        let row = self.row_of(t);
         let start = self.table_start[row] as usize;
         let end = self
             .table_start

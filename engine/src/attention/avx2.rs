@@ -39,8 +39,12 @@ pub(crate) fn attend<T: KvElem, Q: Elem>(
         256 => attend_heads::<32, T>,
         _ => return None,
     };
+    let kernels = runs::Kernels {
+        one: kernel,
+        block: None,
+    };
     // SAFETY: `_cpu` proves the CPU has the kernel's features.
-    Some(unsafe { runs::attend(kernel, step, shape, q, k, v, scale) })
+    Some(unsafe { runs::attend(kernels, step, shape, q, k, v, scale) })
 }
 
 /// Sums each of 8 vectors across its lanes, returning the 8 sums in order: three rounds of

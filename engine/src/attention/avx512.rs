@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::kv_elem::KvElem;
-use super::runs::{self, AttendScratch, HeadsView, Kernel};
+use super::runs::{self, AttendScratch, BlockKernel, HeadsView, Kernel};
 use crate::cpu::avx512::exp16;
 use crate::cpu::{Avx512, Elem, LANES};
 use crate::paged::{CacheShape, StepLayout};
@@ -30,16 +30,20 @@ pub(crate) fn attend<T: KvElem, Q: Elem>(
     v: &[T],
     scale: f32,
 ) -> Option<Vec<Q>> {
-    let kernel: Kernel<T> = match shape.head_dim {
-        16 => attend_heads::<1, T>,
-        32 => attend_heads::<2, T>,
-        64 => attend_heads::<4, T>,
-        128 => attend_heads::<8, T>,
-        256 => attend_heads::<16, T>,
+    let (one, block): (Kernel<T>, BlockKernel<T>) = match shape.head_dim {
+        16 => (attend_heads::<1, T>, attend_block::<1, T>),
+        32 => (attend_heads::<2, T>, attend_block::<2, T>),
+        64 => (attend_heads::<4, T>, attend_block::<4, T>),
+        128 => (attend_heads::<8, T>, attend_block::<8, T>),
+        256 => (attend_heads::<16, T>, attend_block::<16, T>),
         _ => return None,
     };
-    // SAFETY: `_cpu` proves the CPU has the kernel's features.
-    Some(unsafe { runs::attend(kernel, step, shape, q, k, v, scale) })
+    let kernels = runs::Kernels {
+        one,
+        block: Some(block),
+    };
+    // SAFETY: `_cpu` proves the CPU has the kernels' features.
+    Some(unsafe { runs::attend(kernels, step, shape, q, k, v, scale) })
 }
 
 /// Sums each of 16 vectors across its lanes, returning the 16 sums in order: a transposing
@@ -232,6 +236,261 @@ unsafe fn attend_heads<const CH: usize, T: KvElem>(
             unsafe {
                 let at = o.add(h * dim + 16 * j);
                 _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), iv));
+            }
+        }
+    }
+}
+
+/// [`attend_heads`] for a block of new tokens of one sequence at once (a prefill chunk's
+/// queries): `ctxs` holds each token's context, `q` and `out` each token's run of heads in
+/// turn. The walk goes head by head: a group of 16 positions' keys is widened once into
+/// `parts` and every query's 16 products are summed in registers; the value sums of up to 4
+/// queries stay in registers over the whole context, each value row widened once for them.
+///
+/// Every query's arithmetic is `attend_heads`'s, operation for operation: the same products
+/// and lane sums (a lane sum of 16 positions takes each position's vector alone, and a
+/// query's rows past its context are zero, as there), the same softmax over its own context,
+/// the same value sums in position order from zero, then the same scaling. So a token's
+/// result is the same bits in any block, or alone.
+///
+/// # Safety
+/// As `attend_heads`, for every query: `q` and `out` hold `ctxs.len() * at.heads * 16 * CH`
+/// values, and `at.table` covers the largest context.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_block<const CH: usize, T: KvElem>(
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    ctxs: &[usize],
+    at: &HeadsView<'_>,
+    scale: f32,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+) {
+    let dim = LANES * CH;
+    let heads = at.heads;
+    let run = heads * dim;
+    let row = T::row_len(dim);
+    let nq = ctxs.len();
+    assert!(
+        nq > 0 && q.len() == nq * run && out.len() == nq * run,
+        "a block's queries and outputs hold each token's run of heads"
+    );
+    let ctx_max = ctxs.iter().copied().max().unwrap_or(0);
+    let AttendScratch {
+        scores,
+        offsets,
+        parts,
+        inv,
+    } = scratch;
+    at.offsets(ctx_max, offsets);
+    assert_eq!(
+        offsets.len(),
+        ctx_max,
+        "block table too short for the context"
+    );
+    let padded = ctx_max.next_multiple_of(16);
+    // Query `i`, head `h`: its scores start at `(i * heads + h) * padded`. Scratch only
+    // grows: every score read below is written first in this call (a query's groups up to
+    // its own context), and `parts` for each position of a group before it is read.
+    if scores.len() < nq * heads * padded {
+        scores.resize(nq * heads * padded, 0.0);
+    }
+    if parts.len() < 16 * dim {
+        parts.resize(16 * dim, 0.0);
+    }
+    inv.resize(nq * heads, 0.0);
+    let scale_v = _mm512_set1_ps(scale);
+    let kp = parts.as_mut_ptr();
+    for (g, group) in offsets.chunks(16).enumerate() {
+        for s in 0..group.len() {
+            runs::prefetch_ahead(k, offsets, 16 * g + 8 + s, heads * row);
+        }
+        for h in 0..heads {
+            // The group's keys of head `h`, widened: position `s` at `parts[s * dim..]`.
+            let mut kscale = [1.0f32; 16];
+            for (s, &off) in group.iter().enumerate() {
+                // SAFETY: `off + heads * row` is within `k` (the caller's promise), `h <
+                // heads`; `parts` holds 16 rows of `dim`, `s < 16`.
+                unsafe {
+                    let kh = k.as_ptr().add(off + h * row);
+                    for j in 0..CH {
+                        _mm512_storeu_ps(kp.add(s * dim + 16 * j), T::load16(kh.add(16 * j)));
+                    }
+                    if T::SCALED {
+                        kscale[s] = T::scale(kh, dim);
+                    }
+                }
+            }
+            for (i, &ctx) in ctxs.iter().enumerate() {
+                let valid = ctx.saturating_sub(16 * g).min(group.len());
+                if valid == 0 {
+                    continue;
+                }
+                // SAFETY: `q` holds `nq` runs of `heads * dim`, `i < nq`, `h < heads`; the
+                // first `valid` rows of `parts` were written above; `scores` is sized above
+                // and group `g` ends at or before `padded`.
+                unsafe {
+                    let qh = q.as_ptr().add(i * run + h * dim);
+                    let mut qv = [_mm512_setzero_ps(); CH];
+                    for (j, qj) in qv.iter_mut().enumerate() {
+                        *qj = _mm512_loadu_ps(qh.add(16 * j));
+                    }
+                    let mut rows = [_mm512_setzero_ps(); 16];
+                    for (s, r) in rows.iter_mut().enumerate() {
+                        if s < valid {
+                            let ks = kp.add(s * dim);
+                            let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
+                            for (j, &qj) in qv.iter().enumerate().skip(1) {
+                                a = _mm512_fmadd_ps(qj, _mm512_loadu_ps(ks.add(16 * j)), a);
+                            }
+                            if T::SCALED {
+                                a = _mm512_mul_ps(a, _mm512_set1_ps(kscale[s]));
+                            }
+                            *r = a;
+                        }
+                    }
+                    let sums = _mm512_mul_ps(sum_lanes16(rows), scale_v);
+                    let at = (i * heads + h) * padded + 16 * g;
+                    _mm512_storeu_ps(scores.as_mut_ptr().add(at), sums);
+                }
+            }
+        }
+    }
+    // Softmax per query and head, as `attend_heads`; `inv` holds the reciprocal sums.
+    for (i, &ctx) in ctxs.iter().enumerate() {
+        for h in 0..heads {
+            // SAFETY: this query's head's row of `scores` is `padded >= ctx` long, read and
+            // written 16 at a time from `j < ctx`, so up to `ctx.next_multiple_of(16)`.
+            unsafe {
+                let row = scores.as_mut_ptr().add((i * heads + h) * padded);
+                let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut j = 0;
+                while j < ctx {
+                    let mask = lanes(ctx - j);
+                    maxv = _mm512_mask_max_ps(maxv, mask, maxv, _mm512_loadu_ps(row.add(j)));
+                    j += 16;
+                }
+                let maxv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
+                let mut sumv = _mm512_setzero_ps();
+                let mut j = 0;
+                while j < ctx {
+                    let mask = lanes(ctx - j);
+                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(j)), maxv));
+                    _mm512_storeu_ps(row.add(j), e);
+                    sumv = _mm512_mask_add_ps(sumv, mask, sumv, e);
+                    j += 16;
+                }
+                inv[i * heads + h] = 1.0 / _mm512_reduce_add_ps(sumv);
+            }
+        }
+    }
+    // Value sums, as many queries at a time as keep their sums and a value row in registers.
+    let values = ValuePass {
+        v,
+        offsets,
+        scores,
+        inv,
+        ctxs,
+        heads,
+        padded,
+        row,
+    };
+    for h in 0..heads {
+        for first in (0..nq).step_by(value_queries(CH)) {
+            // SAFETY: the caller's promise on `v`'s offsets and `out`'s length; `h < heads`,
+            // `first < nq`.
+            unsafe {
+                match CH {
+                    1 | 2 | 4 => values.sums::<CH, 4>(h, first, out),
+                    8 => values.sums::<CH, 2>(h, first, out),
+                    _ => values.sums::<CH, 1>(h, first, out),
+                }
+            }
+        }
+    }
+}
+
+/// Queries whose value sums (`CH` registers each) a value pass keeps in registers at once.
+const fn value_queries(ch: usize) -> usize {
+    match ch {
+        1 | 2 | 4 => 4,
+        8 => 2,
+        _ => 1,
+    }
+}
+
+/// What `attend_block`'s value pass reads: the softmax weights and reciprocal sums of every
+/// query and head, and the cache's values.
+struct ValuePass<'a, T> {
+    v: &'a [T],
+    offsets: &'a [usize],
+    scores: &'a [f32],
+    inv: &'a [f32],
+    ctxs: &'a [usize],
+    heads: usize,
+    padded: usize,
+    row: usize,
+}
+
+impl<T: KvElem> ValuePass<'_, T> {
+    /// Head `h`'s outputs of queries `first..first + QS` (fewer at the end): each value row
+    /// widened once and added into every query's sums whose context reaches it, in
+    /// position order from zero, then scaled by the query's reciprocal sum into `out`.
+    ///
+    /// # Safety
+    /// As `attend_block` (AVX-512F/BW/VL, F16C and FMA; every offset plus `heads` rows within
+    /// `v`; `out` holding every query's run); `h < heads`, `first < ctxs.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn sums<const CH: usize, const QS: usize>(
+        &self,
+        h: usize,
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let dim = LANES * CH;
+        let run = self.heads * dim;
+        let ctxs = &self.ctxs[first..(first + QS).min(self.ctxs.len())];
+        let lo = ctxs.iter().copied().min().unwrap_or(0);
+        let hi = ctxs.iter().copied().max().unwrap_or(0);
+        let mut acc = [[_mm512_setzero_ps(); CH]; QS];
+        let head_v = &self.v[h * self.row..];
+        let weight =
+            |u: usize, p: usize| self.scores[((first + u) * self.heads + h) * self.padded + p];
+        for p in 0..hi {
+            runs::prefetch_ahead(head_v, self.offsets, p, self.row);
+            // SAFETY: `offsets[p] + heads * row` is within `v` (the caller's promise), so head
+            // `h`'s row is too.
+            unsafe {
+                let vh = head_v.as_ptr().add(self.offsets[p]);
+                let mut vv = [_mm512_setzero_ps(); CH];
+                for (j, vj) in vv.iter_mut().enumerate() {
+                    *vj = T::load16(vh.add(16 * j));
+                }
+                let vs = if T::SCALED { T::scale(vh, dim) } else { 1.0 };
+                for (u, a) in acc.iter_mut().enumerate().take(ctxs.len()) {
+                    if p >= lo && p >= ctxs[u] {
+                        continue;
+                    }
+                    let mut w = weight(u, p);
+                    if T::SCALED {
+                        w *= vs;
+                    }
+                    let w = _mm512_set1_ps(w);
+                    for (aj, &vj) in a.iter_mut().zip(&vv) {
+                        *aj = _mm512_fmadd_ps(w, vj, *aj);
+                    }
+                }
+            }
+        }
+        for (u, a) in acc.iter().enumerate().take(ctxs.len()) {
+            let i = first + u;
+            let iv = _mm512_set1_ps(self.inv[i * self.heads + h]);
+            let o = &mut out[i * run + h * dim..i * run + (h + 1) * dim];
+            for (j, &aj) in a.iter().enumerate() {
+                // SAFETY: `o` holds `dim = 16 * CH` values, `j < CH`.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * j), _mm512_mul_ps(aj, iv)) };
             }
         }
     }

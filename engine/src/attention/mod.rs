@@ -623,6 +623,82 @@ mod tests {
         }
     }
 
+    /// A prefill chunk's tokens go to the kernels in blocks of consecutive tokens
+    /// (`runs::QUERY_BLOCK`); a token's result is the same bits whatever block it falls in,
+    /// and alone (a one-token row, the decode kernel): the whole chunk as one row, the same
+    /// tokens cut into rows at other points, and each token alone, on every vector kernel
+    /// the CPU has, for an f16 cache and an int8 one, two head sizes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_token_is_the_same_bits_in_any_query_block() {
+        for (heads, dim) in [(3, 64), (2, 256)] {
+            blocks_agree::<half::f16>(heads, dim, KvFormat::F16, portable::round_slot);
+            blocks_agree::<u8>(heads, dim, KvFormat::Int8, portable::quantize_slot);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn blocks_agree<C: KvElem + Default + Clone>(
+        heads: usize,
+        dim: usize,
+        format: KvFormat,
+        store: portable::StoreSlot<f32, C>,
+    ) {
+        let (block_size, num_blocks, len) = (4, 12, 37);
+        let width = heads * dim;
+        let shape = CacheShape::new(num_blocks, block_size, heads, dim, format);
+        let table: Vec<BlockId> = [5, 0, 7, 2, 6, 1, 11, 3, 9, 4].map(BlockId).to_vec();
+        let tokens = [0u32; 37];
+        // A step of the given rows, each `start..end` of the one sequence.
+        let layout = |cuts: &[(usize, usize)]| {
+            let rows: Vec<SeqChunk<'_>> = cuts
+                .iter()
+                .map(|&(a, b)| SeqChunk {
+                    tokens: &tokens[a..b],
+                    start_pos: a,
+                    block_table: &table,
+                    logits: LogitRows::Last,
+                })
+                .collect();
+            StepLayout::new(&rows, block_size, num_blocks, 64).unwrap()
+        };
+        let (q, k, v) = (
+            values(len * width, 3),
+            values(len * width, 4),
+            values(len * width, 5),
+        );
+        let mut cache = vec![C::default(); 2 * shape.half_len()];
+        portable::write_kv(&layout(&[(0, len)]), shape, &mut cache, &k, &v, store);
+        let (kh, vh) = cache.split_at(shape.half_len());
+        for isa in Isa::available() {
+            let attend = |cuts: &[(usize, usize)]| {
+                let step = layout(cuts);
+                let q: Vec<f32> = cuts
+                    .iter()
+                    .flat_map(|&(a, b)| q[a * width..b * width].to_vec())
+                    .collect();
+                match isa {
+                    Isa::Avx512(cpu) => avx512::attend(cpu, &step, shape, &q, kh, vh, 0.3),
+                    Isa::Avx2(cpu) => avx2::attend(cpu, &step, shape, &q, kh, vh, 0.3),
+                }
+                .expect("a kernel for this head size")
+            };
+            let whole = attend(&[(0, len)]);
+            let cut = attend(&[(0, 5), (5, 6), (6, 19), (19, len)]);
+            let alone: Vec<f32> = (0..len).flat_map(|t| attend(&[(t, t + 1)])).collect();
+            for (name, got) in [("cut", &cut), ("alone", &alone)] {
+                let same = whole
+                    .iter()
+                    .zip(got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{isa:?} {format} dim {dim}: whole chunk against {name}"
+                );
+            }
+        }
+    }
+
     /// Issue 14: a cache that does not match the step is an error, not an out-of-bounds read,
     /// through the checked functions and through the op itself.
     #[test]

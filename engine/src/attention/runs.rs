@@ -5,6 +5,12 @@
 //! How heads are grouped into runs depends on the batch (small batches get more, shorter
 //! runs, to keep every thread busy); the kernels compute each head the same way in any run,
 //! so the grouping never changes a result.
+//!
+//! A kernel may also take a block of consecutive new tokens of one sequence at once (a
+//! prefill chunk's queries, which read the same cache positions): it then reads each
+//! position's keys and values once for the whole block instead of once per token. It
+//! computes each query exactly as the one-token kernel does, so a token's result does not
+//! depend on the block it falls in either.
 
 use super::kv_elem::KvElem;
 use crate::cpu::{Elem, SharedOut};
@@ -17,16 +23,34 @@ use crate::paged::{CacheShape, StepLayout};
 pub(super) type Kernel<T> =
     unsafe fn(&[f32], &[T], &[T], usize, &HeadsView<'_>, f32, &mut AttendScratch, &mut [f32]);
 
-/// Attention of every new token of `step` over its own sequence on `kernel`: `q` is
+/// One run of heads of a block of new tokens of one sequence: as [`Kernel`], with `q` and
+/// `out` holding the run's heads of each token in turn and the slice of contexts one per
+/// token, each covered by `at`.
+pub(super) type BlockKernel<T> =
+    unsafe fn(&[f32], &[T], &[T], &[usize], &HeadsView<'_>, f32, &mut AttendScratch, &mut [f32]);
+
+/// An instruction set's kernels: one token's, and (where it has one) a block's.
+pub(super) struct Kernels<T> {
+    pub one: Kernel<T>,
+    pub block: Option<BlockKernel<T>>,
+}
+
+/// Most new tokens of one sequence a [`BlockKernel`] takes at once. Its scratch grows with
+/// it (scores for every token of the block), so the block stays small enough for L2.
+pub(super) const QUERY_BLOCK: usize = 8;
+
+/// Attention of every new token of `step` over its own sequence on `kernels`: the block
+/// kernel, where there is one, for blocks of consecutive tokens of one sequence: `q` is
 /// `(tokens, heads, head_dim)` in the activations' type `Q` (the output's too); `k` and `v`
 /// are the two halves of a cache whose geometry is `shape`, as returned by
 /// `step.check_cache` (panics if their lengths or rows disagree with it), in the cache's type
 /// `T`.
 ///
 /// # Safety
-/// The CPU has `kernel`'s target features (its caller holds the token that proves them).
+/// The CPU has the kernels' target features (its caller holds the token that
+/// proves them).
 pub(super) unsafe fn attend<T: KvElem, Q: Elem>(
-    kernel: Kernel<T>,
+    kernels: Kernels<T>,
     step: &StepLayout,
     shape: CacheShape,
     q: &[Q],
@@ -43,49 +67,128 @@ pub(super) unsafe fn attend<T: KvElem, Q: Elem>(
             && row == T::row_len(dim),
         "paged attention: buffers do not match the checked cache shape"
     );
+    let Kernels { one, block } = kernels;
+    let most = if block.is_some() { QUERY_BLOCK } else { 1 };
+    let blocks = query_blocks(step, most);
     let pool = candle_core::utils::barrier_pool();
-    // Work items are runs of heads of one token: all heads when there are tokens enough to
-    // keep every thread busy, fewer (more items) for small batches.
+    // Work items are runs of heads of one block of tokens: all heads when there are blocks
+    // enough to keep every thread busy, fewer (more items) for small batches.
     let runs = ((pool.n_workers() + 1) * 4)
-        .div_ceil(tokens.max(1))
+        .div_ceil(blocks.len().max(1))
         .clamp(1, heads);
     let per_run = heads.div_ceil(runs);
     let runs = heads.div_ceil(per_run);
     let mut out = vec![Q::narrow(0.0); tokens * width];
     let shared = SharedOut::new(&mut out);
-    pool.execute_chunked(tokens * runs, |range| {
-        let mut scratch = AttendScratch::default();
-        let (mut qbuf, mut res) = (vec![0f32; per_run * dim], vec![0f32; per_run * dim]);
-        for i in range {
-            let (t, r) = (i / runs, i % runs);
-            let (h0, h1) = (r * per_run, ((r + 1) * per_run).min(heads));
-            let len = (h1 - h0) * dim;
-            let start = t * width + h0 * dim;
-            let qf = Q::as_f32(&q[start..start + len], &mut qbuf);
-            let at = HeadsView {
-                table: step.table_of(t),
-                block_size: shape.block_size,
-                slot_len: shape.slot_len(),
-                first: h0 * row,
-                heads: h1 - h0,
-            };
-            let ctx = step.context_of(t);
-            // The kernel's bounds: `q` and `res` hold the run's heads; every slot of the
-            // table is below `shape.slots()` (block ids checked by `StepLayout::new`, the
-            // geometry by `check_cache`), so every offset plus the run's rows is inside `k`
-            // and `v` (`first + heads * row <= slot_len`); the table covers `ctx` positions.
-            assert!(qf.len() == len && at.first + (h1 - h0) * row <= at.slot_len);
-            assert!(at.table.len() * at.block_size >= ctx);
-            // SAFETY: the bounds above, and the CPU has the kernel's features (the caller's
-            // promise).
-            unsafe { kernel(qf, k, v, ctx, &at, scale, &mut scratch, &mut res[..len]) };
-            // SAFETY: item `i` is handed to exactly one call (the pool's cursor), and it owns
-            // `out[start..start + len]`: token `t`, heads `h0..h1`.
-            let dst = unsafe { shared.slice(start..start + len) };
-            Q::narrow_into(&res[..len], dst);
-        }
+    pool.execute_chunked(blocks.len() * runs, |range| {
+        BUFFERS.with_borrow_mut(|buffers| {
+            let RunBuffers {
+                scratch,
+                qbuf,
+                qs,
+                res,
+            } = buffers;
+            for b in [&mut *qbuf, &mut *qs, &mut *res] {
+                b.resize(most * per_run * dim, 0.0);
+            }
+            for i in range {
+                let ((t0, n), r) = (blocks[i / runs], i % runs);
+                let (h0, h1) = (r * per_run, ((r + 1) * per_run).min(heads));
+                let len = (h1 - h0) * dim;
+                let start = |t: usize| t * width + h0 * dim;
+                let at = HeadsView {
+                    table: step.table_of(t0),
+                    block_size: shape.block_size,
+                    slot_len: shape.slot_len(),
+                    first: h0 * row,
+                    heads: h1 - h0,
+                };
+                let mut ctxs = [0usize; QUERY_BLOCK];
+                for (j, c) in ctxs[..n].iter_mut().enumerate() {
+                    *c = step.context_of(t0 + j);
+                }
+                let ctxs = &ctxs[..n];
+                // The kernel's bounds: `q` and `res` hold the run's heads of each token; every
+                // slot of the table is below `shape.slots()` (block ids checked by
+                // `StepLayout::new`, the geometry by `check_cache`), so every offset plus the
+                // run's rows is inside `k` and `v` (`first + heads * row <= slot_len`); the table
+                // (the block's one row's) covers every token's context.
+                assert!(at.first + (h1 - h0) * row <= at.slot_len);
+                assert!(ctxs.iter().all(|&c| at.table.len() * at.block_size >= c));
+                if n == 1 {
+                    let qf = Q::as_f32(&q[start(t0)..start(t0) + len], qbuf);
+                    assert!(qf.len() == len);
+                    // SAFETY: the bounds above, and the CPU has the kernel's features (the
+                    // caller's promise).
+                    unsafe { one(qf, k, v, ctxs[0], &at, scale, scratch, &mut res[..len]) };
+                } else {
+                    for j in 0..n {
+                        let t = t0 + j;
+                        let qf = Q::as_f32(&q[start(t)..start(t) + len], qbuf);
+                        qs[j * len..(j + 1) * len].copy_from_slice(qf);
+                    }
+                    let block = block.expect("blocks of several tokens only with a block kernel");
+                    // SAFETY: as for one token, for each of the block's tokens.
+                    unsafe {
+                        block(
+                            &qs[..n * len],
+                            k,
+                            v,
+                            ctxs,
+                            &at,
+                            scale,
+                            scratch,
+                            &mut res[..n * len],
+                        )
+                    };
+                }
+                for j in 0..n {
+                    let s = start(t0 + j);
+                    // SAFETY: item `i` is handed to exactly one call (the pool's cursor), and it
+                    // owns `out[s..s + len]` for each of its tokens: block `i / runs` (tokens
+                    // `t0..t0 + n`), heads `h0..h1`.
+                    let dst = unsafe { shared.slice(s..s + len) };
+                    Q::narrow_into(&res[j * len..(j + 1) * len], dst);
+                }
+            }
+        });
     });
     out
+}
+
+/// A pool thread's buffers for its runs, kept from step to step: the scratch of a block of
+/// long contexts runs to hundreds of KiB, which `malloc` would map and the kernel zero
+/// afresh on every layer's call. They only grow, up to what the longest context needs.
+#[derive(Default)]
+struct RunBuffers {
+    scratch: AttendScratch,
+    /// One token's run of queries widened to f32.
+    qbuf: Vec<f32>,
+    /// A block's queries, token after token, and its results.
+    qs: Vec<f32>,
+    res: Vec<f32>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<RunBuffers> = std::cell::RefCell::default();
+}
+
+/// The step's new tokens as blocks `(first token, count)` of up to `most` consecutive tokens
+/// of one sequence, in order.
+fn query_blocks(step: &StepLayout, most: usize) -> Vec<(usize, usize)> {
+    let tokens = step.num_tokens();
+    let mut blocks = Vec::with_capacity(tokens.div_ceil(most.max(1)));
+    let mut t = 0;
+    while t < tokens {
+        let row = step.row_of(t);
+        let mut n = 1;
+        while n < most && t + n < tokens && step.row_of(t + n) == row {
+            n += 1;
+        }
+        blocks.push((t, n));
+        t += n;
+    }
+    blocks
 }
 
 /// Positions ahead of the one being read whose run of heads `prefetch_ahead` asks for. A run
