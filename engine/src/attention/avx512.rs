@@ -337,20 +337,28 @@ unsafe fn attend_block<const CH: usize, T: KvElem>(
                     for (j, qj) in qv.iter_mut().enumerate() {
                         *qj = _mm512_loadu_ps(qh.add(16 * j));
                     }
-                    let mut rows = [_mm512_setzero_ps(); 16];
-                    for (s, r) in rows.iter_mut().enumerate() {
-                        if s < valid {
-                            let ks = kp.add(s * dim);
-                            let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
-                            for (j, &qj) in qv.iter().enumerate().skip(1) {
-                                a = _mm512_fmadd_ps(qj, _mm512_loadu_ps(ks.add(16 * j)), a);
-                            }
-                            if T::SCALED {
-                                a = _mm512_mul_ps(a, _mm512_set1_ps(kscale[s]));
-                            }
-                            *r = a;
+                    let dot = |s: usize| {
+                        let ks = kp.add(s * dim);
+                        let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
+                        for (j, &qj) in qv.iter().enumerate().skip(1) {
+                            a = _mm512_fmadd_ps(qj, _mm512_loadu_ps(ks.add(16 * j)), a);
                         }
+                        if T::SCALED {
+                            a = _mm512_mul_ps(a, _mm512_set1_ps(kscale[s]));
+                        }
+                        a
+                    };
+                    // Written out position by position, so that `rows` stays in registers
+                    // (a loop over a runtime bound left it on the stack for int8 rows).
+                    let mut rows = [_mm512_setzero_ps(); 16];
+                    macro_rules! rows {
+                        ($($s:literal)*) => {$(
+                            if $s < valid {
+                                rows[$s] = dot($s);
+                            }
+                        )*};
                     }
+                    rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
                     let sums = _mm512_mul_ps(sum_lanes16(rows), scale_v);
                     let at = (i * heads + h) * padded + 16 * g;
                     _mm512_storeu_ps(scores.as_mut_ptr().add(at), sums);
