@@ -182,29 +182,8 @@ unsafe fn attend_heads<const CH: usize, T: KvElem>(
     }
     // Softmax per head; `inv` holds each head's reciprocal sum until the value pass.
     for (h, inv_h) in inv.iter_mut().enumerate() {
-        // SAFETY: head `h`'s row of `scores` is `padded >= ctx` long, read and written 16 at a
-        // time from `i < ctx`, so up to `padded`.
-        unsafe {
-            let row = scores.as_mut_ptr().add(h * padded);
-            let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut i = 0;
-            while i < ctx {
-                let mask = lanes(ctx - i);
-                maxv = _mm512_mask_max_ps(maxv, mask, maxv, _mm512_loadu_ps(row.add(i)));
-                i += 16;
-            }
-            let maxv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
-            let mut sumv = _mm512_setzero_ps();
-            let mut i = 0;
-            while i < ctx {
-                let mask = lanes(ctx - i);
-                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(i)), maxv));
-                _mm512_storeu_ps(row.add(i), e);
-                sumv = _mm512_mask_add_ps(sumv, mask, sumv, e);
-                i += 16;
-            }
-            *inv_h = 1.0 / _mm512_reduce_add_ps(sumv);
-        }
+        // SAFETY: head `h`'s row of `scores` is `padded >= ctx` long.
+        *inv_h = unsafe { softmax(scores.as_mut_ptr().add(h * padded), ctx) };
     }
     out.fill(0.0);
     let o = out.as_mut_ptr();
@@ -304,8 +283,9 @@ unsafe fn attend_block<const CH: usize, T: KvElem>(
     let scale_v = _mm512_set1_ps(scale);
     let kp = parts.as_mut_ptr();
     for (g, group) in offsets.chunks(16).enumerate() {
-        for s in 0..group.len() {
-            runs::prefetch_ahead(k, offsets, 16 * g + 8 + s, heads * row);
+        // The next group's slots, while this one's are widened head by head.
+        for s in 0..16 {
+            runs::prefetch_at(k, offsets, 16 * (g + 1) + s, heads * row);
         }
         for h in 0..heads {
             // The group's keys of head `h`, widened: position `s` at `parts[s * dim..]`.
@@ -369,29 +349,9 @@ unsafe fn attend_block<const CH: usize, T: KvElem>(
     // Softmax per query and head, as `attend_heads`; `inv` holds the reciprocal sums.
     for (i, &ctx) in ctxs.iter().enumerate() {
         for h in 0..heads {
-            // SAFETY: this query's head's row of `scores` is `padded >= ctx` long, read and
-            // written 16 at a time from `j < ctx`, so up to `ctx.next_multiple_of(16)`.
-            unsafe {
-                let row = scores.as_mut_ptr().add((i * heads + h) * padded);
-                let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
-                let mut j = 0;
-                while j < ctx {
-                    let mask = lanes(ctx - j);
-                    maxv = _mm512_mask_max_ps(maxv, mask, maxv, _mm512_loadu_ps(row.add(j)));
-                    j += 16;
-                }
-                let maxv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
-                let mut sumv = _mm512_setzero_ps();
-                let mut j = 0;
-                while j < ctx {
-                    let mask = lanes(ctx - j);
-                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(j)), maxv));
-                    _mm512_storeu_ps(row.add(j), e);
-                    sumv = _mm512_mask_add_ps(sumv, mask, sumv, e);
-                    j += 16;
-                }
-                inv[i * heads + h] = 1.0 / _mm512_reduce_add_ps(sumv);
-            }
+            // SAFETY: this query's head's row of `scores` is `padded >= ctx` long.
+            inv[i * heads + h] =
+                unsafe { softmax(scores.as_mut_ptr().add((i * heads + h) * padded), ctx) };
         }
     }
     // Value sums, as many queries at a time as keep their sums and a value row in registers.
@@ -501,6 +461,38 @@ impl<T: KvElem> ValuePass<'_, T> {
                 unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * j), _mm512_mul_ps(aj, iv)) };
             }
         }
+    }
+}
+
+/// Softmax in place over the `ctx` scores at `row` (the exponentials, unnormalised; lanes
+/// past `ctx` in the last group are masked out of the max and the sum), returning the
+/// reciprocal of their sum.
+///
+/// # Safety
+/// The CPU has AVX-512F; `row` points at `ctx.next_multiple_of(16)` writable scores.
+#[inline(always)]
+unsafe fn softmax(row: *mut f32, ctx: usize) -> f32 {
+    // SAFETY: 16 lanes at `row + i` for `i < ctx` in steps of 16 stay below
+    // `ctx.next_multiple_of(16)` (the caller's promise).
+    unsafe {
+        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < ctx {
+            let mask = lanes(ctx - i);
+            maxv = _mm512_mask_max_ps(maxv, mask, maxv, _mm512_loadu_ps(row.add(i)));
+            i += 16;
+        }
+        let maxv = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
+        let mut sumv = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < ctx {
+            let mask = lanes(ctx - i);
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(i)), maxv));
+            _mm512_storeu_ps(row.add(i), e);
+            sumv = _mm512_mask_add_ps(sumv, mask, sumv, e);
+            i += 16;
+        }
+        1.0 / _mm512_reduce_add_ps(sumv)
     }
 }
 

@@ -201,19 +201,26 @@ pub(super) const PREFETCH_AHEAD: usize = 8;
 
 /// Asks the cache hierarchy for the run of `len` elements of `half` at position `p +
 /// PREFETCH_AHEAD` (through `offsets`, the kernel's offset of each position), if the context
-/// goes that far: one prefetch per 64-byte line. A hint: it never faults and changes no
-/// result, and the address is only computed with wrapping arithmetic, never dereferenced.
+/// goes that far: see [`prefetch_at`].
 #[inline(always)]
 pub(super) fn prefetch_ahead<T>(half: &[T], offsets: &[usize], p: usize, len: usize) {
+    prefetch_at(half, offsets, p + PREFETCH_AHEAD, len);
+}
+
+/// Asks the cache hierarchy for the run of `len` elements of `half` at position `p`, if the
+/// context goes that far: one prefetch per 64-byte line. A hint: it never faults and changes
+/// no result, and the address is only computed with wrapping arithmetic, never dereferenced.
+#[inline(always)]
+pub(super) fn prefetch_at<T>(half: &[T], offsets: &[usize], p: usize, len: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     const LINE: usize = 64;
-    let Some(&ahead) = offsets.get(p + PREFETCH_AHEAD) else {
+    let Some(&at) = offsets.get(p) else {
         return;
     };
     if len == 0 {
         return;
     }
-    let start = half.as_ptr().wrapping_add(ahead) as *const u8;
+    let start = half.as_ptr().wrapping_add(at) as *const u8;
     let first = start as usize / LINE;
     let last = (start as usize + len * std::mem::size_of::<T>() - 1) / LINE;
     for line in 0..=last - first {
