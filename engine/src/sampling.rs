@@ -486,7 +486,7 @@ mod tests {
     #[test]
     fn greedy_shortcut_equals_the_processed_pick() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        for case in 0..400 {
+        for case in 0..400usize {
             let n = 1 + case % 53;
             let pool = [
                 0.0,
@@ -513,7 +513,7 @@ mod tests {
                 min_new_tokens: 2,
                 ..greedy()
             };
-            let allowed = n - case % 3;
+            let allowed = n.saturating_sub(case % 3);
             let stops: &[u32] = if case % 2 == 0 { &[0, 5, 5] } else { &[] };
             for generated in [0, 2] {
                 let mut s = Sampler::new(&params, EOS, allowed).with_stop_token_ids(stops);
