@@ -114,9 +114,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     eos_token_id: u32,
-    /// Other ids that end the sequence (a request's stop token ids): banned like EOS until
-    /// `min_new_tokens`.
-    stop_token_ids: Vec<u32>,
+    /// The ids that end the sequence, EOS and a request's stop token ids, sorted and
+    /// without repeats: banned until `min_new_tokens`.
+    ends: Vec<u32>,
     penalties: Penalties,
     /// The generated ids, sorted, and how many times each was generated, for the
     /// penalties (both reused, so a step allocates nothing).
@@ -136,7 +136,7 @@ impl Sampler {
         Self {
             params: params.clone(),
             eos_token_id,
-            stop_token_ids: Vec::new(),
+            ends: vec![eos_token_id],
             penalties: Penalties::default(),
             generated_ids: Vec::new(),
             counts: Vec::new(),
@@ -150,7 +150,11 @@ impl Sampler {
     /// Ids besides EOS that end the sequence when produced, so that the minimum length
     /// holds them back as it holds back EOS (vLLM's `min_tokens` with `stop_token_ids`).
     pub fn with_stop_token_ids(mut self, ids: &[u32]) -> Self {
-        self.stop_token_ids = ids.to_vec();
+        self.ends = std::iter::once(self.eos_token_id)
+            .chain(ids.iter().copied())
+            .collect();
+        self.ends.sort_unstable();
+        self.ends.dedup();
         self
     }
 
@@ -199,18 +203,17 @@ impl Sampler {
         if generated >= self.params.min_new_tokens {
             return argmax(allowed);
         }
-        let mut banned: Vec<usize> = std::iter::once(&self.eos_token_id)
-            .chain(&self.stop_token_ids)
+        let banned = self
+            .ends
+            .iter()
             .map(|&id| id as usize)
-            .filter(|&id| id < allowed.len())
-            .collect();
-        banned.sort_unstable();
-        banned.dedup();
-        // The best of each stretch between banned ids; the first of equals wins, as in
-        // `argmax`, since the stretches come in order and only a greater value replaces.
+            .take_while(|&id| id < allowed.len());
+        // The best of each stretch between banned ids (`ends` is sorted); the first of
+        // equals wins, as in `argmax`, since the stretches come in order and only a greater
+        // value replaces.
         let mut best: Option<(usize, f32)> = None;
         let mut start = 0;
-        for end in banned.into_iter().chain(std::iter::once(allowed.len())) {
+        for end in banned.chain(std::iter::once(allowed.len())) {
             if let Some(i) = argmax(&allowed[start..end]) {
                 let i = start + i as usize;
                 if best.is_none_or(|(_, b)| allowed[i] > b) {
@@ -249,8 +252,7 @@ impl Sampler {
             self.apply_penalties(context, generated);
         }
         if generated < self.params.min_new_tokens {
-            let ends = std::iter::once(&self.eos_token_id).chain(&self.stop_token_ids);
-            for &id in ends {
+            for &id in &self.ends {
                 if let Some(s) = self.scores.get_mut(id as usize) {
                     *s = f32::NEG_INFINITY;
                 }

@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::kv_elem::KvElem;
-use super::runs::{self, AttendScratch, BlockKernel, HeadsView, Kernel};
+use super::runs::{self, AttendScratch, BlockKernel, HeadsView, Kernel, Prepared};
 use crate::cpu::avx2::exp8;
 use crate::cpu::{Avx2, Elem};
 use crate::paged::{CacheShape, StepLayout};
@@ -108,24 +108,15 @@ unsafe fn attend_heads<const CH: usize, T: KvElem>(
     let heads = at.heads;
     // A head's row in the cache: its values, then (int8) its scale.
     let row = T::row_len(dim);
-    let AttendScratch {
+    // Every element read below is written first in this call: scores by whole groups of
+    // 8, `parts` (8 vectors per head) for each position of the group.
+    let Prepared {
         scores,
         offsets,
         parts,
         inv,
-    } = scratch;
-    at.offsets(ctx, offsets);
-    assert_eq!(offsets.len(), ctx, "block table too short for the context");
-    let padded = ctx.next_multiple_of(LANES8);
-    // Scratch only grows: every element read below is written first in this call (scores
-    // by whole groups of 8, parts for each position of the group), so nothing is zeroed.
-    if scores.len() < heads * padded {
-        scores.resize(heads * padded, 0.0);
-    }
-    if parts.len() < heads * LANES8 * LANES8 {
-        parts.resize(heads * LANES8 * LANES8, 0.0);
-    }
-    inv.resize(heads, 0.0);
+        padded,
+    } = scratch.prepare(at, ctx, 1, LANES8, heads * LANES8 * LANES8);
     let scale_v = _mm256_set1_ps(scale);
     for (g, group) in offsets.chunks(LANES8).enumerate() {
         for (s, &off) in group.iter().enumerate() {
@@ -278,28 +269,15 @@ unsafe fn attend_block<const CH: usize, T: KvElem>(
         "a block's queries and outputs hold each token's run of heads"
     );
     let ctx_max = ctxs.iter().copied().max().unwrap_or(0);
-    let AttendScratch {
+    // Every score read below is written first in this call, and `parts` (8 widened key
+    // rows) for each position of a group before it is read.
+    let Prepared {
         scores,
         offsets,
         parts,
         inv,
-    } = scratch;
-    at.offsets(ctx_max, offsets);
-    assert_eq!(
-        offsets.len(),
-        ctx_max,
-        "block table too short for the context"
-    );
-    let padded = ctx_max.next_multiple_of(LANES8);
-    // Query `i`, head `h`: its scores start at `(i * heads + h) * padded`; every score read
-    // below is written first in this call, and `parts` for each position before it is read.
-    if scores.len() < nq * heads * padded {
-        scores.resize(nq * heads * padded, 0.0);
-    }
-    if parts.len() < LANES8 * dim {
-        parts.resize(LANES8 * dim, 0.0);
-    }
-    inv.resize(nq * heads, 0.0);
+        padded,
+    } = scratch.prepare(at, ctx_max, nq, LANES8, LANES8 * dim);
     let scale_v = _mm256_set1_ps(scale);
     let kp = parts.as_mut_ptr();
     for (g, group) in offsets.chunks(LANES8).enumerate() {

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::kv_elem::KvElem;
-use super::runs::{self, AttendScratch, BlockKernel, HeadsView, Kernel};
+use super::runs::{self, AttendScratch, BlockKernel, HeadsView, Kernel, Prepared};
 use crate::cpu::avx512::exp16;
 use crate::cpu::{Avx512, Elem, LANES};
 use crate::paged::{CacheShape, StepLayout};
@@ -124,24 +124,15 @@ unsafe fn attend_heads<const CH: usize, T: KvElem>(
     let heads = at.heads;
     // A head's row in the cache: its values, then (int8) its scale.
     let row = T::row_len(dim);
-    let AttendScratch {
+    // Every element read below is written first in this call: scores by whole groups of
+    // 16, `parts` (16 vectors per head) for each position of the group.
+    let Prepared {
         scores,
         offsets,
         parts,
         inv,
-    } = scratch;
-    at.offsets(ctx, offsets);
-    assert_eq!(offsets.len(), ctx, "block table too short for the context");
-    let padded = ctx.next_multiple_of(16);
-    // Scratch only grows: every element read below is written first in this call (scores
-    // by whole groups of 16, parts for each position of the group), so nothing is zeroed.
-    if scores.len() < heads * padded {
-        scores.resize(heads * padded, 0.0);
-    }
-    if parts.len() < heads * 16 * 16 {
-        parts.resize(heads * 16 * 16, 0.0);
-    }
-    inv.resize(heads, 0.0);
+        padded,
+    } = scratch.prepare(at, ctx, 1, 16, heads * 16 * 16);
     let scale_v = _mm512_set1_ps(scale);
     for (g, group) in offsets.chunks(16).enumerate() {
         for (s, &off) in group.iter().enumerate() {
@@ -257,29 +248,16 @@ unsafe fn attend_block<const CH: usize, T: KvElem>(
         "a block's queries and outputs hold each token's run of heads"
     );
     let ctx_max = ctxs.iter().copied().max().unwrap_or(0);
-    let AttendScratch {
+    // Every score read below is written first in this call (a query's groups up to its own
+    // context), and `parts` (16 widened key rows) for each position of a group before it is
+    // read.
+    let Prepared {
         scores,
         offsets,
         parts,
         inv,
-    } = scratch;
-    at.offsets(ctx_max, offsets);
-    assert_eq!(
-        offsets.len(),
-        ctx_max,
-        "block table too short for the context"
-    );
-    let padded = ctx_max.next_multiple_of(16);
-    // Query `i`, head `h`: its scores start at `(i * heads + h) * padded`. Scratch only
-    // grows: every score read below is written first in this call (a query's groups up to
-    // its own context), and `parts` for each position of a group before it is read.
-    if scores.len() < nq * heads * padded {
-        scores.resize(nq * heads * padded, 0.0);
-    }
-    if parts.len() < 16 * dim {
-        parts.resize(16 * dim, 0.0);
-    }
-    inv.resize(nq * heads, 0.0);
+        padded,
+    } = scratch.prepare(at, ctx_max, nq, 16, 16 * dim);
     let scale_v = _mm512_set1_ps(scale);
     let kp = parts.as_mut_ptr();
     for (g, group) in offsets.chunks(16).enumerate() {
@@ -365,27 +343,16 @@ unsafe fn attend_block<const CH: usize, T: KvElem>(
         padded,
         row,
     };
+    // The queries whose sums (`CH` registers each) fit in registers next to a value row.
     for h in 0..heads {
-        for first in (0..nq).step_by(value_queries(CH)) {
-            // SAFETY: the caller's promise on `v`'s offsets and `out`'s length; `h < heads`,
-            // `first < nq`.
-            unsafe {
-                match CH {
-                    1 | 2 | 4 => values.sums::<CH, 4>(h, first, out),
-                    8 => values.sums::<CH, 2>(h, first, out),
-                    _ => values.sums::<CH, 1>(h, first, out),
-                }
+        // SAFETY: the caller's promise on `v`'s offsets and `out`'s length; `h < heads`.
+        unsafe {
+            match CH {
+                1 | 2 | 4 => values.head::<CH, 4>(h, out),
+                8 => values.head::<CH, 2>(h, out),
+                _ => values.head::<CH, 1>(h, out),
             }
         }
-    }
-}
-
-/// Queries whose value sums (`CH` registers each) a value pass keeps in registers at once.
-const fn value_queries(ch: usize) -> usize {
-    match ch {
-        1 | 2 | 4 => 4,
-        8 => 2,
-        _ => 1,
     }
 }
 
@@ -403,6 +370,18 @@ struct ValuePass<'a, T> {
 }
 
 impl<T: KvElem> ValuePass<'_, T> {
+    /// Head `h`'s outputs of every query, `QS` queries at a time ([`Self::sums`]).
+    ///
+    /// # Safety
+    /// As [`Self::sums`], for `h < heads`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn head<const CH: usize, const QS: usize>(&self, h: usize, out: &mut [f32]) {
+        for first in (0..self.ctxs.len()).step_by(QS) {
+            // SAFETY: the caller's promise; `first < ctxs.len()`.
+            unsafe { self.sums::<CH, QS>(h, first, out) };
+        }
+    }
+
     /// Head `h`'s outputs of queries `first..first + QS` (fewer at the end): each value row
     /// widened once and added into every query's sums whose context reaches it, in
     /// position order from zero, then scaled by the query's reciprocal sum into `out`.

@@ -88,9 +88,9 @@ pub(super) unsafe fn attend<T: KvElem, Q: Elem>(
                 qs,
                 res,
             } = buffers;
-            for b in [&mut *qbuf, &mut *qs, &mut *res] {
-                b.resize(most * per_run * dim, 0.0);
-            }
+            qbuf.resize(per_run * dim, 0.0);
+            qs.resize(most * per_run * dim, 0.0);
+            res.resize(most * per_run * dim, 0.0);
             for i in range {
                 let ((t0, n), r) = (blocks[i / runs], i % runs);
                 let (h0, h1) = (r * per_run, ((r + 1) * per_run).min(heads));
@@ -254,6 +254,57 @@ impl HeadsView<'_> {
             if into.len() == ctx {
                 break;
             }
+        }
+    }
+}
+
+/// What [`AttendScratch::prepare`] laid out: the scratch's parts, and the stride of one
+/// (query, head)'s scores.
+pub(super) struct Prepared<'a> {
+    pub scores: &'a mut [f32],
+    pub offsets: &'a [usize],
+    pub parts: &'a mut [f32],
+    pub inv: &'a mut [f32],
+    /// The longest context rounded up to a whole group: query `i`, head `h`'s scores start
+    /// at `(i * heads + h) * padded`.
+    pub padded: usize,
+}
+
+impl AttendScratch {
+    /// The scratch of one kernel call for `queries` queries of `at.heads` heads over
+    /// contexts up to `ctx`, positions in groups of `group`: the offsets of positions
+    /// `0..ctx`, and `scores`, `parts` (at least `parts` values) and `inv` sized for them.
+    /// Scratch only grows and is never zeroed: the kernels write every element before they
+    /// read it.
+    pub(super) fn prepare(
+        &mut self,
+        at: &HeadsView<'_>,
+        ctx: usize,
+        queries: usize,
+        group: usize,
+        parts: usize,
+    ) -> Prepared<'_> {
+        at.offsets(ctx, &mut self.offsets);
+        assert_eq!(
+            self.offsets.len(),
+            ctx,
+            "block table too short for the context"
+        );
+        let padded = ctx.next_multiple_of(group);
+        let (rows, heads) = (queries * at.heads, at.heads);
+        if self.scores.len() < rows * padded {
+            self.scores.resize(rows * padded, 0.0);
+        }
+        if self.parts.len() < parts {
+            self.parts.resize(parts, 0.0);
+        }
+        self.inv.resize(queries * heads, 0.0);
+        Prepared {
+            scores: &mut self.scores,
+            offsets: &self.offsets,
+            parts: &mut self.parts,
+            inv: &mut self.inv,
+            padded,
         }
     }
 }
